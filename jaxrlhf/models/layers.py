@@ -1,0 +1,167 @@
+"""Building blocks shared by the model families: norms, RoPE, attention masks, attention, KV cache.
+
+All functions are pure and operate on arrays; the modules in ``llama.py``/``gpt2.py``/``bert.py`` hold
+parameters and call these. Shapes use the suffix convention of ``CONVENTIONS.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrlhf.models.config import ModelConfig, RopeScaling
+
+Array = jax.Array
+
+
+def rms_norm(x_BTD: Array, scale_D: Array, eps: float) -> Array:
+    """RMSNorm (Zhang & Sennrich 2019): ``x / sqrt(mean(x^2) + eps) * scale``, computed in f32."""
+    x = x_BTD.astype(jnp.float32)
+    y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+    return (y * scale_D.astype(jnp.float32)).astype(x_BTD.dtype)
+
+
+def layer_norm(x_BTD: Array, scale_D: Array, bias_D: Array, eps: float) -> Array:
+    """LayerNorm (Ba et al. 2016), statistics in f32."""
+    x = x_BTD.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + eps)
+    return (y * scale_D.astype(jnp.float32) + bias_D.astype(jnp.float32)).astype(x_BTD.dtype)
+
+
+def activation(name: str):
+    """The MLP nonlinearity by its ``transformers`` name."""
+    if name == "silu":
+        return jax.nn.silu
+    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        return lambda x: jax.nn.gelu(x, approximate=True)
+    if name == "gelu":
+        return lambda x: jax.nn.gelu(x, approximate=False)
+    if name == "relu":
+        return jax.nn.relu
+    raise ValueError(f"model.hidden_act={name!r} is not supported (silu, gelu, gelu_new, relu)")
+
+
+# --------------------------------------------------------------------------------------------- RoPE
+
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None,
+                     max_position_embeddings: int) -> tuple[np.ndarray, float]:
+    """Inverse frequencies ``inv_freq[head_dim // 2]`` and the attention scaling factor.
+
+    Follows Su et al. 2021 (RoFormer, eq. 34) with the scaling rules of ``transformers``:
+    ``linear`` divides all frequencies by ``factor``; ``llama3`` divides low frequencies by ``factor``,
+    keeps high ones and interpolates in between; ``yarn`` blends interpolation and extrapolation per
+    dimension (Peng et al. 2023, eq. 19-21) and scales attention by ``0.1 ln(factor) + 1``.
+
+    Raises:
+      ValueError: an unknown ``rope_type``.
+    """
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    attention_factor = 1.0
+    if scaling is None or scaling.rope_type == "default":
+        pass
+    elif scaling.rope_type == "linear":
+        inv_freq = inv_freq / scaling.factor
+    elif scaling.rope_type == "llama3":
+        old_ctx = scaling.original_max_position_embeddings or max_position_embeddings
+        low_wavelen = old_ctx / scaling.low_freq_factor
+        high_wavelen = old_ctx / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+        smooth = (old_ctx / wavelen - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+        is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = np.where(is_medium, smoothed, scaled)
+    elif scaling.rope_type == "yarn":
+        old_ctx = scaling.original_max_position_embeddings or max_position_embeddings
+        factor = scaling.factor
+        attention_factor = scaling.attention_factor or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+
+        def correction_dim(num_rotations):
+            return (head_dim * math.log(old_ctx / (num_rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+        low = max(math.floor(correction_dim(scaling.beta_fast)), 0)
+        high = min(math.ceil(correction_dim(scaling.beta_slow)), head_dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = np.clip((np.arange(head_dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+        extrapolation_factor = 1 - ramp
+        inv_freq = (inv_freq / factor) * (1 - extrapolation_factor) + inv_freq * extrapolation_factor
+    else:
+        raise ValueError(f"model.rope_scaling.rope_type={scaling.rope_type!r} is not supported "
+                         "(default, linear, llama3, yarn)")
+    return inv_freq.astype(np.float32), float(attention_factor)
+
+
+def apply_rope(x_BTHd: Array, positions_BT: Array, inv_freq: np.ndarray, attention_factor: float = 1.0) -> Array:
+    """Rotate query/key vectors by their positions (``rotate_half`` layout, as ``transformers``)."""
+    angles = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, d/2]
+    cos = (jnp.cos(angles) * attention_factor)[:, :, None, :]
+    sin = (jnp.sin(angles) * attention_factor)[:, :, None, :]
+    x = x_BTHd.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BTHd.dtype)
+
+
+# ----------------------------------------------------------------------------------- masks and cache
+
+class KVCache(NamedTuple):
+    """Key/value cache for incremental decoding, stacked over layers.
+
+    Attributes:
+      k_LBSKd / v_LBSKd: cached keys and values, S = cache length (prompt + new tokens).
+      segment_ids_BS: int32, 0 for empty or padding slots, else the segment of the token in the slot.
+      index: int32 scalar, the next slot to write.
+    """
+
+    k_LBSKd: Array
+    v_LBSKd: Array
+    segment_ids_BS: Array
+    index: Array
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
+    """An empty cache of ``max_length`` slots (in ``cfg.dtype`` unless ``dtype`` is given)."""
+    if max_length > cfg.max_position_embeddings:
+        raise ValueError(f"cache length {max_length} exceeds model.max_position_embeddings="
+                         f"{cfg.max_position_embeddings}; shorten the prompt or max_new_tokens")
+    dtype = dtype or cfg.compute_dtype
+    shape = (cfg.num_layers, batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                   jnp.zeros((batch_size, max_length), jnp.int32), jnp.zeros((), jnp.int32))
+
+
+def attention_mask(q_segment_BT: Array, kv_segment_BS: Array, q_slot_T: Array, kv_slot_S: Array,
+                   causal: bool = True) -> Array:
+    """Boolean mask ``[B, 1, T, S]``: query t may attend key s.
+
+    Allowed when both tokens share a nonzero segment id (padding is segment 0; packed sequences get
+    1, 2, ...) and, if ``causal``, the key's slot is not after the query's.
+    """
+    same = (q_segment_BT[:, :, None] == kv_segment_BS[:, None, :]) & (kv_segment_BS[:, None, :] != 0)
+    if causal:
+        same = same & (kv_slot_S[None, None, :] <= q_slot_T[None, :, None])
+    return same[:, None, :, :]
+
+
+def attend(q_BTHd: Array, k_BSKd: Array, v_BSKd: Array, mask_B1TS: Array, scale: float | None = None) -> Array:
+    """Scaled dot-product attention with grouped-query heads (K divides H). Softmax in f32."""
+    return jax.nn.dot_product_attention(q_BTHd, k_BSKd, v_BSKd, mask=mask_B1TS, scale=scale)
+
+
+def default_positions(segment_ids_BT: Array) -> Array:
+    """Positions counting from 0 at each row's first real token, restarting at each new segment."""
+    valid = (segment_ids_BT != 0).astype(jnp.int32)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids_BT[:, :1], dtype=bool),
+         segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
+    idx = jnp.arange(segment_ids_BT.shape[1])[None, :]
+    seg_start = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+    return jnp.where(valid > 0, idx - seg_start, 0).astype(jnp.int32)

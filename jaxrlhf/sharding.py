@@ -1,0 +1,195 @@
+"""Sharding in one place: the device mesh, the logical-axis rules table, and helpers.
+
+Parameters and activations are annotated with *logical* axis names (``batch``, ``length``, ``embed``,
+``mlp``, ``heads``, ``kv_heads``, ``head_dim``, ``vocab``, ``layers``). One rules table, ``LOGICAL_RULES``,
+maps each logical name to physical mesh axes (``data``, ``fsdp``, ``tensor``). Change the table, not the
+models, to change a parallelism layout.
+
+* ``data``   — pure data parallelism: the batch is split, parameters are replicated.
+* ``fsdp``   — the batch is split *and* parameters are sharded along their ``embed`` axis (ZeRO-3 style);
+  XLA all-gathers a layer's weights when it needs them.
+* ``tensor`` — Megatron-style tensor parallelism over heads / MLP width / vocabulary.
+
+The mesh is always passed explicitly by the caller. Inside a jitted step the caller enters
+``jax.set_mesh(mesh)``; :func:`constrain` then pins activations at block boundaries and is a no-op when
+no mesh is set (plain single-device use).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
+
+# logical axis -> physical mesh axis (or tuple of axes, or None = replicated).
+LOGICAL_RULES: dict[str, Any] = {
+    "batch": ("data", "fsdp"),
+    "pair": None,
+    "length": None,
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "vocab": "tensor",
+    "layers": None,
+    "classes": None,
+    "cache_length": None,
+    "norm": None,
+}
+
+# Activations use the same table except that ``embed`` on activations is not sharded over ``fsdp``
+# (that axis already splits the batch).
+ACTIVATION_RULES: dict[str, Any] = {**LOGICAL_RULES, "embed": None}
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Shape of the device mesh. One entry may be ``-1``: it is filled with the remaining devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def shape(self, num_devices: int) -> tuple[int, int, int]:
+        """Resolve ``-1`` against ``num_devices``.
+
+        Raises:
+          ValueError: more than one ``-1``, a non-positive size, or sizes whose product is not
+            ``num_devices``.
+        """
+        sizes = [self.data, self.fsdp, self.tensor]
+        unknown = [i for i, s in enumerate(sizes) if s == -1]
+        if len(unknown) > 1:
+            raise ValueError(f"mesh: at most one axis may be -1, got {dataclasses.asdict(self)}")
+        for name, s in zip(MESH_AXES, sizes):
+            if s != -1 and s < 1:
+                raise ValueError(f"mesh.{name} must be a positive integer or -1, got {s}")
+        known = math.prod(s for s in sizes if s != -1)
+        if unknown:
+            if num_devices % known:
+                raise ValueError(
+                    f"mesh: {num_devices} devices cannot be split into {dataclasses.asdict(self)}; "
+                    f"the fixed axes multiply to {known}, which does not divide {num_devices}")
+            sizes[unknown[0]] = num_devices // known
+        if math.prod(sizes) != num_devices:
+            raise ValueError(
+                f"mesh: data*fsdp*tensor = {math.prod(sizes)} but {num_devices} devices are available; "
+                "set one axis to -1 to use them all")
+        return tuple(sizes)  # type: ignore[return-value]
+
+
+def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Build a ``Mesh`` with axes ``("data", "fsdp", "tensor")``.
+
+    Args:
+      cfg: axis sizes; one may be -1.
+      devices: defaults to ``jax.devices()`` (all processes' devices in multi-host runs).
+    Raises:
+      ValueError: the sizes do not multiply to the number of devices.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    shape = cfg.shape(len(devices))
+    try:
+        device_array = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
+    except Exception:  # noqa: BLE001 — fall back to a plain reshape on exotic topologies / fake devices
+        device_array = np.asarray(devices).reshape(shape)
+    return Mesh(device_array, MESH_AXES)
+
+
+def logical_to_spec(logical_axes: Sequence[str | None] | None, rules: dict[str, Any] = LOGICAL_RULES,
+                    mesh: Mesh | None = None) -> PartitionSpec:
+    """Map logical axis names to a ``PartitionSpec`` through ``rules``.
+
+    A physical axis is used at most once per array (a later logical axis that maps to an axis already
+    used is left replicated). When ``mesh`` is given, mesh axes of size 1 are dropped.
+
+    Raises:
+      KeyError: a logical name missing from the rules table.
+    """
+    if logical_axes is None:
+        return PartitionSpec()
+    used: set[str] = set()
+    out = []
+    for name in logical_axes:
+        if name is None:
+            out.append(None)
+            continue
+        if name not in rules:
+            raise KeyError(f"logical axis {name!r} is not in the sharding rules table {sorted(rules)}")
+        phys = rules[name]
+        phys_t = (phys,) if isinstance(phys, str) else tuple(phys or ())
+        phys_t = tuple(a for a in phys_t if a not in used and (mesh is None or mesh.shape[a] > 1))
+        used.update(phys_t)
+        out.append(None if not phys_t else phys_t[0] if len(phys_t) == 1 else phys_t)
+    return PartitionSpec(*out)
+
+
+def _divisible(shape: Sequence[int], spec: PartitionSpec, mesh: Mesh) -> PartitionSpec:
+    """Drop sharding on dimensions the mesh does not divide (e.g. 3 kv heads on tensor=2)."""
+    out = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        if axes is None:
+            out.append(None)
+            continue
+        size = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+        out.append(axes if dim % size == 0 else None)
+    return PartitionSpec(*out)
+
+
+def state_shardings(state: Any, mesh: Mesh, rules: dict[str, Any] = LOGICAL_RULES) -> Any:
+    """``NamedSharding`` for every leaf of an NNX ``State`` (or any pytree of ``nnx.Variable``).
+
+    Each ``nnx.Variable`` carrying ``logical_axes`` metadata is sharded by the rules table; everything
+    else (scalars, RNG state, optimizer counters) is replicated. Returns a pytree with the same structure
+    as ``state`` (Variables replaced by their sharding), usable as ``in_shardings``/``out_shardings``.
+    """
+
+    def one(x):
+        if isinstance(x, nnx.Variable):
+            axes = getattr(x, "logical_axes", None)
+            value = x.get_value() if hasattr(x, "get_value") else x.value
+            spec = logical_to_spec(axes, rules, mesh) if axes is not None else PartitionSpec()
+            return x.replace(NamedSharding(mesh, _divisible(np.shape(value), spec, mesh)))
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Sharding for a batch array of rank ``ndim``: leading axis over (data, fsdp), the rest replicated."""
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), LOGICAL_RULES, mesh))
+
+
+def check_batch_divisible(batch_size: int, mesh: Mesh, field: str = "data.batch_size") -> None:
+    """Raise ``ValueError`` before any compute if the batch does not split over the data axes."""
+    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % n:
+        raise ValueError(
+            f"{field}={batch_size} is not divisible by mesh data*fsdp = {n} "
+            f"(mesh {dict(mesh.shape)}); choose a multiple of {n} or change the mesh")
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """Pin an activation's sharding by logical names; a no-op outside ``jax.set_mesh``."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return x
+    spec = logical_to_spec(logical_axes, ACTIVATION_RULES)
+    spec = PartitionSpec(*[
+        a if a is None or all(ax in mesh.axis_names for ax in ((a,) if isinstance(a, str) else a)) else None
+        for a in spec])
+    spec = _divisible(x.shape, spec, mesh)  # type: ignore[arg-type]
+    return jax.lax.with_sharding_constraint(x, spec)
