@@ -1,0 +1,200 @@
+"""Where rows come from: local files, TensorFlow Datasets, or the Hugging Face Hub.
+
+Everything returns a :class:`datasets.Dataset` (or a :class:`datasets.IterableDataset` when
+``streaming=True``) whose rows are plain dicts; :mod:`jaxrlhf.data.formats` turns rows into canonical
+examples. Nothing here needs network access when given a local path.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import datasets
+
+__all__ = ["DatasetFetchError", "load_rows", "LOCAL_SUFFIXES"]
+
+# suffix -> datasets builder name (longest suffixes first so ".jsonl.gz" wins over ".gz")
+LOCAL_SUFFIXES: dict[str, str] = {
+    ".jsonl.gz": "json",
+    ".json.gz": "json",
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+}
+_BUILDERS = ("json", "parquet", "csv")
+_TFDS_PREFIX = "tfds:"
+
+
+class DatasetFetchError(ConnectionError):
+    """A remote (Hub) dataset could not be fetched: offline, unreachable, or not found."""
+
+
+def _suffix_builder(path: str) -> str | None:
+    low = path.lower()
+    for suffix, builder in LOCAL_SUFFIXES.items():
+        if low.endswith(suffix):
+            return builder
+    return None
+
+
+def _looks_like_path(source: str) -> bool:
+    return (
+        _suffix_builder(source) is not None
+        or source.startswith(("/", "./", "../", "~", ".\\"))
+        or os.path.isabs(source)
+    )
+
+
+def _files_in_dir(directory: str, split: str) -> tuple[str, list[str]]:
+    """Data files of one builder type in ``directory`` (recursive), preferring those named by ``split``."""
+    found: list[str] = []
+    for root, _dirs, files in os.walk(directory):
+        for name in files:
+            if _suffix_builder(name) is not None:
+                found.append(os.path.join(root, name))
+    found.sort()
+    if not found:
+        raise FileNotFoundError(
+            f"directory {directory!r} holds no data files; expected one of {sorted(LOCAL_SUFFIXES)}"
+        )
+    # files whose name (or parent folder) starts with the split name, e.g. train.jsonl.gz, train-0001.parquet
+    by_split = [
+        f for f in found
+        if os.path.basename(f).lower().startswith(split.lower())
+        or os.path.basename(os.path.dirname(f)).lower() == split.lower()
+    ]
+    chosen = by_split or found
+    builders = {_suffix_builder(f) for f in chosen}
+    if len(builders) != 1:
+        raise ValueError(
+            f"directory {directory!r} mixes file types {sorted(builders)} for split {split!r}; "
+            "pass data_files=[...] with files of one type"
+        )
+    return builders.pop(), chosen
+
+
+def _load_local(source: str, split: str, data_files: Any, streaming: bool) -> datasets.Dataset:
+    path = os.path.expanduser(source)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"local data path {path!r} does not exist")
+    if os.path.isdir(path):
+        if data_files is not None:
+            files = [data_files] if isinstance(data_files, str) else list(data_files)
+            files = [f if os.path.isabs(f) else os.path.join(path, f) for f in files]
+            for f in files:
+                if not os.path.exists(f):
+                    raise FileNotFoundError(f"local data path {f!r} does not exist")
+            builders = {_suffix_builder(f) for f in files}
+            if len(builders) != 1 or None in builders:
+                raise ValueError(f"data_files {files} must all be one of {sorted(LOCAL_SUFFIXES)}")
+            builder = builders.pop()
+        else:
+            builder, files = _files_in_dir(path, split)
+    else:
+        builder = _suffix_builder(path)
+        if builder is None:
+            raise ValueError(
+                f"unknown file type for {path!r}; expected a name ending in one of {sorted(LOCAL_SUFFIXES)}"
+            )
+        files = [path]
+    # The split name is only a label for local files.
+    return datasets.load_dataset(builder, data_files={split: files}, split=split, streaming=streaming)
+
+
+def _tfds_record_to_python(value: Any) -> Any:
+    """numpy scalars/arrays and bytes from TFDS -> plain Python (str for bytes)."""
+    import numpy as np
+
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind in ("S", "O"):
+            return [_tfds_record_to_python(v) for v in value.tolist()]
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Mapping):
+        return {k: _tfds_record_to_python(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_tfds_record_to_python(v) for v in value]
+    return value
+
+
+def _load_tfds(spec: str, split: str, config_name: str | None) -> datasets.Dataset:
+    name = spec[len(_TFDS_PREFIX):].strip()
+    if not name:
+        raise ValueError("tfds source needs a name: 'tfds:NAME' or 'tfds:NAME/CONFIG'")
+    if config_name and "/" not in name:
+        name = f"{name}/{config_name}"
+    try:
+        import tensorflow_datasets as tfds  # optional extra
+    except ImportError as e:
+        raise ImportError(
+            f"loading {spec!r} needs tensorflow-datasets, which is not installed; "
+            "install it with `pip install 'jaxrlhf[tfds]'` or pass a local .jsonl/.parquet/.csv file instead"
+        ) from e
+    source = tfds.data_source(name, split=split, builder_kwargs={"file_format": "array_record"})
+    records = [_tfds_record_to_python(source[i]) for i in range(len(source))]
+    return datasets.Dataset.from_list(records)
+
+
+def load_rows(
+    source: str | os.PathLike,
+    *,
+    split: str = "train",
+    data_files: str | Sequence[str] | Mapping[str, Any] | None = None,
+    config_name: str | None = None,
+    streaming: bool = False,
+) -> datasets.Dataset:
+    """Load raw rows (dicts) from a local file/directory, TensorFlow Datasets, or the Hub.
+
+    Args:
+      source: one of
+        * a local file ending in ``.json``, ``.jsonl``, ``.json.gz``, ``.jsonl.gz``, ``.parquet`` or
+          ``.csv``, or a directory of such files (recursively; files whose name starts with ``split``
+          are preferred, e.g. ``train.jsonl.gz`` for ``split="train"``; ``data_files`` selects files
+          relative to the directory);
+        * ``"json"``, ``"parquet"`` or ``"csv"`` together with ``data_files`` (passed to
+          ``datasets.load_dataset`` as is);
+        * ``"tfds:NAME"`` or ``"tfds:NAME/CONFIG"``: read with
+          ``tfds.data_source(NAME, split=split, builder_kwargs={"file_format": "array_record"})`` and
+          converted to a ``datasets.Dataset`` (bytes decoded to str, numpy to Python);
+        * anything else is a Hub dataset id: ``datasets.load_dataset(source, config_name, split=split)``.
+      split: split name (for local files it only labels the split).
+      data_files: see above.
+      config_name: Hub config (or TFDS config when the source has none).
+      streaming: return a ``datasets.IterableDataset`` (local and Hub sources only).
+
+    Returns:
+      ``datasets.Dataset`` of rows (``IterableDataset`` when streaming).
+
+    Raises:
+      FileNotFoundError: a local path (or a name that looks like one) does not exist.
+      ImportError: a ``tfds:`` source without ``tensorflow_datasets`` installed
+        (``pip install 'jaxrlhf[tfds]'``).
+      DatasetFetchError: (a ``ConnectionError``) a Hub dataset could not be fetched (offline,
+        unreachable or unknown id); the message says how to pass a local file instead.
+      ValueError: unknown file type or mixed file types.
+    """
+    source = os.fspath(source)
+    if source.startswith(_TFDS_PREFIX):
+        if streaming:
+            raise ValueError("streaming=True is not supported for tfds: sources")
+        return _load_tfds(source, split, config_name)
+    if source in _BUILDERS and data_files is not None:
+        return datasets.load_dataset(source, data_files=data_files, split=split, streaming=streaming)
+    if os.path.exists(os.path.expanduser(source)) or _looks_like_path(source):
+        return _load_local(source, split, data_files, streaming)
+    try:
+        return datasets.load_dataset(
+            source, config_name, split=split, data_files=data_files, streaming=streaming
+        )
+    except (OSError, ConnectionError) as e:  # offline, unreachable, DatasetNotFoundError, ...
+        raise DatasetFetchError(
+            f"dataset {source!r} (config={config_name!r}, split={split!r}) could not be fetched from the "
+            f"Hugging Face Hub ({type(e).__name__}: {e}). If you are offline, download it elsewhere and pass "
+            "a local file or directory instead, e.g. load_rows('/path/to/train.jsonl.gz') "
+            "(.json/.jsonl[.gz]/.parquet/.csv)."
+        ) from e
