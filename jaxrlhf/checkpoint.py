@@ -1,0 +1,94 @@
+"""Checkpoints with ``orbax-checkpoint``: sharded train state + data position + config + version.
+
+Each save is atomic (orbax writes to a temporary directory and renames it when every process has
+finished), the newest ``keep`` are kept, and a finished checkpoint is never overwritten: saving a step
+that already exists is refused rather than replacing it.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+import jaxrlhf
+
+FORMAT_VERSION = 1
+
+
+class Checkpointer:
+    """Save and restore ``{state, data position, metadata}`` under ``directory``.
+
+    Args:
+      directory: ``runs/<name>/checkpoints``.
+      keep: how many of the newest checkpoints to keep (older ones are deleted after a new one is
+        committed).
+    """
+
+    def __init__(self, directory: str | pathlib.Path, keep: int = 2):
+        self.directory = pathlib.Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(max_to_keep=max(keep, 1), create=True,
+                                               enable_async_checkpointing=False)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "data", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_position: dict, meta: dict) -> None:
+        """Write checkpoint ``step``. Raises ``FileExistsError`` if that step already exists."""
+        if step in self.manager.all_steps():
+            raise FileExistsError(f"checkpoint {step} already exists in {self.directory}; refusing to "
+                                  "overwrite a finished checkpoint")
+        meta = dict(meta, format_version=FORMAT_VERSION, jaxrlhf_version=jaxrlhf.__version__)
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_position),
+            meta=ocp.args.JsonSave(meta)))
+        self.manager.wait_until_finished()
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, dict]:
+        """Restore ``(state, data_position, meta)`` into the shardings of ``abstract_state``.
+
+        ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` with ``sharding`` set (see
+        :func:`abstract_with_shardings`). Raises ``FileNotFoundError`` if there is no checkpoint and
+        ``ValueError`` if the stored shapes do not match the model being restored into.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}; start without --resume")
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"checkpoint {self.directory}/{step} has format_version "
+                             f"{meta.get('format_version')}, this jaxrlhf reads {FORMAT_VERSION}")
+        stored = self.manager.item_metadata(step)["state"]
+        _check_shapes(stored, abstract_state, f"{self.directory}/{step}")
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        return out["state"], out["data"], meta
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def _check_shapes(stored: Any, abstract: Any, where: str) -> None:
+    """Compare stored array shapes with the target's before reading any tensor data."""
+    try:
+        stored_leaves = jax.tree_util.tree_leaves_with_path(stored)
+    except Exception:  # noqa: BLE001 — metadata trees vary across orbax versions; orbax checks later
+        return
+    target = {jax.tree_util.keystr(p): getattr(x, "shape", None)
+              for p, x in jax.tree_util.tree_leaves_with_path(abstract)}
+    for path, leaf in stored_leaves:
+        key = jax.tree_util.keystr(path)
+        shape = getattr(leaf, "shape", None)
+        if key in target and shape is not None and target[key] is not None and tuple(shape) != tuple(target[key]):
+            raise ValueError(f"checkpoint {where}: {key} has shape {tuple(shape)} but the model expects "
+                             f"{tuple(target[key])}; restore into the same model config it was saved from")
+
+
+def abstract_with_shardings(state: Any, shardings: Any) -> Any:
+    """``ShapeDtypeStruct`` tree carrying the target shardings (for sharded restore)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)

@@ -1,0 +1,173 @@
+"""The one generic host loop, and the run directory it writes.
+
+``train_loop`` takes a jitted step, a batch iterator and hooks; it knows nothing about algorithms.
+Metrics are fetched one step late (step k's metrics are read after step k+1 is dispatched) so the
+device never waits on the host. Each run writes::
+
+    runs/<name>/config.json      the resolved experiment config
+    runs/<name>/metrics.jsonl    one JSON object per logged step ({"step", "split", ...metrics})
+    runs/<name>/samples.jsonl    generated samples ({"step", "prompt", "completion", ...})
+    runs/<name>/tb/              TensorBoard event files
+    runs/<name>/checkpoints/     orbax checkpoints (state, data position, metadata)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxrlhf.checkpoint import Checkpointer
+
+
+class RunDir:
+    """Files of one run. Appends to ``metrics.jsonl`` / ``samples.jsonl``; resumes keep appending."""
+
+    def __init__(self, root: str | pathlib.Path, name: str, *, tensorboard: bool = True):
+        self.path = pathlib.Path(root) / name
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._tb = None
+        self._use_tb = tensorboard and jax.process_index() == 0
+
+    @property
+    def checkpoints(self) -> pathlib.Path:
+        return self.path / "checkpoints"
+
+    def write_config(self, cfg_dict: dict) -> None:
+        if jax.process_index() == 0:
+            (self.path / "config.json").write_text(json.dumps(cfg_dict, indent=2, sort_keys=True))
+
+    def log(self, step: int, metrics: dict, split: str = "train") -> None:
+        """Append ``{"step", "split", **metrics}`` to metrics.jsonl and TensorBoard (process 0 only)."""
+        if jax.process_index() != 0:
+            return
+        clean = {k: _to_py(v) for k, v in metrics.items()}
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": int(step), "split": split, **clean}) + "\n")
+        if self._use_tb:
+            if self._tb is None:
+                from tensorboardX import SummaryWriter
+                self._tb = SummaryWriter(str(self.path / "tb"))
+            for k, v in clean.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(f"{split}/{k}", v, step)
+            self._tb.flush()
+
+    def write_samples(self, step: int, samples: list[dict]) -> None:
+        if jax.process_index() != 0:
+            return
+        with open(self.path / "samples.jsonl", "a") as f:
+            for s in samples:
+                f.write(json.dumps({"step": int(step), **s}) + "\n")
+
+    def read_metrics(self) -> list[dict]:
+        p = self.path / "metrics.jsonl"
+        return [json.loads(line) for line in p.read_text().splitlines()] if p.exists() else []
+
+    def truncate_metrics_after(self, step: int) -> None:
+        """On resume from checkpoint ``step``, drop log lines written after it (they will be redone)."""
+        p = self.path / "metrics.jsonl"
+        if p.exists() and jax.process_index() == 0:
+            keep = [line for line in p.read_text().splitlines() if json.loads(line)["step"] <= step]
+            p.write_text("".join(line + "\n" for line in keep))
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _to_py(v: Any) -> Any:
+    v = np.asarray(v) if isinstance(v, (jax.Array, np.ndarray, np.generic)) else v
+    if isinstance(v, np.ndarray):
+        return v.item() if v.size == 1 else v.tolist()
+    return v
+
+
+@dataclasses.dataclass
+class Hooks:
+    """Optional callbacks of the loop (all receive the 1-based step number that just finished).
+
+    ``evaluate(state) -> dict`` metrics logged under split ``eval``; ``sample(state, step)`` writes
+    samples; ``on_metrics(step, metrics)`` sees every fetched metrics dict (e.g. a KL controller, or a
+    test recording a trajectory).
+    """
+
+    evaluate: Callable[[Any], dict] | None = None
+    sample: Callable[[Any, int], None] | None = None
+    on_metrics: Callable[[int, dict], None] | None = None
+
+
+def train_loop(*, state: Any, step_fn: Callable, batches: Iterator, place: Callable[[dict], Any],
+               total_steps: int, run: RunDir, checkpointer: Checkpointer | None = None,
+               data_position: Callable[[], dict] | None = None, meta: dict | None = None,
+               log_every: int = 1, eval_every: int = 0, save_every: int = 0, hooks: Hooks = Hooks(),
+               tokens_per_step: int | None = None, step_args: tuple = (), progress: bool = True) -> Any:
+    """Run ``state, metrics = step_fn(state, place(batch), *step_args)`` until ``state.step == total_steps``.
+
+    Args:
+      state: a TrainState whose ``step`` says where to start (0, or the restored step).
+      batches: yields host (numpy) batches; ``data_position()`` must return its resumable state.
+      place: host batch -> global device arrays.
+      total_steps: the step to stop at.
+      checkpointer: saves every ``save_every`` steps and at the end.
+      tokens_per_step: for the throughput column (tokens/s).
+    Returns the final state.
+    """
+    from tqdm import tqdm
+
+    start = int(jax.device_get(state.step))
+    bar = tqdm(total=total_steps, initial=start, disable=not progress or jax.process_index() != 0,
+               dynamic_ncols=True, desc=run.path.name)
+    pending: tuple[int, Any, float] | None = None
+    t_last = time.perf_counter()
+
+    def flush(pending):
+        nonlocal t_last
+        step, metrics, _ = pending
+        metrics = jax.device_get(metrics)
+        now = time.perf_counter()
+        dt = now - t_last
+        t_last = now
+        metrics = {k: _to_py(v) for k, v in metrics.items()}
+        metrics["step_time_s"] = dt
+        if tokens_per_step:
+            metrics["tokens_per_s"] = tokens_per_step / max(dt, 1e-9)
+        if hooks.on_metrics is not None:
+            hooks.on_metrics(step, metrics)
+        if step % max(log_every, 1) == 0 or step == total_steps:
+            run.log(step, metrics)
+        post = {"loss": f"{metrics.get('loss', float('nan')):.4f}"}
+        if tokens_per_step:
+            post["tok/s"] = f"{metrics['tokens_per_s']:.0f}"
+        bar.set_postfix(post)
+
+    for step in range(start + 1, total_steps + 1):
+        batch = next(batches)
+        state, metrics = step_fn(state, place(batch), *step_args)
+        if pending is not None:
+            flush(pending)
+        pending = (step, metrics, time.perf_counter())
+        bar.update(1)
+        last = step == total_steps
+        if (eval_every and step % eval_every == 0) or (last and hooks.evaluate is not None and eval_every):
+            flush(pending)
+            pending = None
+            run.log(step, hooks.evaluate(state), split="eval")
+        if checkpointer is not None and ((save_every and step % save_every == 0) or last):
+            if pending is not None:
+                flush(pending)
+                pending = None
+            checkpointer.save(step, state, data_position() if data_position else {}, meta or {})
+        if hooks.sample is not None and last:
+            hooks.sample(state, step)
+    if pending is not None:
+        flush(pending)
+    bar.close()
+    return state
