@@ -97,14 +97,20 @@ def init_or_restore(run: Run, params: Any, tx: Any, resume: bool, extra: Any = N
     return state, sharding, data_position
 
 
+# algo.kind -> module whose ``train(cfg, resume)`` runs it (imported lazily: drivers pull in data/models).
+DRIVERS: dict[str, str] = {
+    "sft": "jaxrlhf.algos.sft",
+}
+
+
 def run_experiment(cfg: C.ExperimentConfig, resume: bool = False) -> dict:
     """Dispatch to the algorithm's driver; returns its summary dict."""
+    import importlib
+
     kind = getattr(cfg.algo, "kind", None)
-    if kind == "sft":
-        from jaxrlhf.algos.sft import train
-    else:
-        raise C.ConfigError(f"algo.kind={kind!r} has no driver; use an algorithm config from jaxrlhf.config")
-    return train(cfg, resume=resume)
+    if kind not in DRIVERS:
+        raise C.ConfigError(f"algo.kind={kind!r} has no driver; known: {sorted(DRIVERS)}")
+    return importlib.import_module(DRIVERS[kind]).train(cfg, resume=resume)
 
 
 def quiet_logs() -> None:

@@ -57,6 +57,8 @@ class ModelConfig:
       tie_word_embeddings: the LM head reuses the token embedding matrix.
       hidden_act: MLP activation (``silu`` for SwiGLU, ``gelu_new``/``gelu`` for GPT-2/BERT).
       num_labels: classifier outputs (encoders with a sequence-classification head; 0 = none).
+      labels: optional class names, ``labels[c]`` is class c (``id2label`` of the checkpoint); empty or
+        of length ``num_labels``.
       type_vocab_size: BERT token-type embeddings (0 = none).
       pad_token_id / bos_token_id / eos_token_id: special ids from the checkpoint's config.
       dtype: compute dtype of activations and matmuls (``float32`` or ``bfloat16``); parameters
@@ -81,6 +83,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
     num_labels: int = 0
+    labels: tuple[str, ...] = ()
     type_vocab_size: int = 0
     pad_token_id: int | None = None
     bos_token_id: int | None = None
@@ -94,6 +97,8 @@ class ModelConfig:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        if not isinstance(self.labels, tuple):
+            object.__setattr__(self, "labels", tuple(self.labels))
         self.validate()
 
     def validate(self) -> None:
@@ -107,6 +112,9 @@ class ModelConfig:
                              f"model.num_heads={self.num_heads}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.labels and len(self.labels) != self.num_labels:
+            raise ValueError(f"model.labels has {len(self.labels)} names but model.num_labels={self.num_labels}; "
+                             "give one name per class or leave labels empty")
         if self.remat not in ("none", "block"):
             raise ValueError(f"model.remat must be 'none' or 'block', got {self.remat!r}")
 
