@@ -105,6 +105,7 @@ class TrainConfig:
     num_samples: int = 4
     max_new_tokens: int = 48
     run_dir: str = "runs"
+    stop_after: int = 0  # end the process after this step (as a preemption would); 0 = run to `steps`
 
 
 @dataclasses.dataclass
@@ -187,28 +188,38 @@ def _auto(text: str) -> Any:
 def apply_override(cfg: Any, dotted: str, text: str) -> None:
     """Set ``cfg.<dotted> = parse(text)`` in place, typed by the dataclass field.
 
+    Frozen sections (e.g. ``MeshConfig``) are replaced by an updated copy in their parent.
+
     Raises:
       ConfigError: an unknown field (the message lists the valid ones) or a value of the wrong type.
     """
     parts = dotted.split(".")
-    obj = cfg
+    chain = [cfg]
     for i, name in enumerate(parts):
+        obj = chain[-1]
         if not dataclasses.is_dataclass(obj):
             raise ConfigError(f"--config.{'.'.join(parts[:i])} is not a config section; cannot set {dotted}")
         fields = {f.name: f for f in dataclasses.fields(obj)}
         if name not in fields:
             where = ".".join(parts[:i]) or "config"
             raise ConfigError(f"--config.{dotted}: {where} has no field {name!r}; valid fields: {sorted(fields)}")
-        if i == len(parts) - 1:
-            hints = typing.get_type_hints(type(obj))
-            value = _parse_value(text, hints[name], dotted)
-            if dataclasses.is_dataclass(getattr(obj, name)) and not dataclasses.is_dataclass(value):
-                raise ConfigError(f"--config.{dotted} is a section; set one of its fields instead")
-            if getattr(type(obj), "__dataclass_params__").frozen:
-                raise ConfigError(f"--config.{dotted}: section is frozen")
-            setattr(obj, name, value)
-        else:
-            obj = getattr(obj, name)
+        if i < len(parts) - 1:
+            chain.append(getattr(obj, name))
+    leaf_name = parts[-1]
+    obj = chain[-1]
+    hints = typing.get_type_hints(type(obj))
+    value = _parse_value(text, hints[leaf_name], dotted)
+    if dataclasses.is_dataclass(getattr(obj, leaf_name)) and not dataclasses.is_dataclass(value):
+        raise ConfigError(f"--config.{dotted} is a section; set one of its fields instead")
+    # Write back up the chain; a frozen section is replaced by an updated copy in its parent.
+    for depth in reversed(range(len(chain))):
+        node, key = chain[depth], parts[depth]
+        if getattr(type(node), "__dataclass_params__").frozen:
+            value = dataclasses.replace(node, **{key: value})
+            continue
+        setattr(node, key, value)
+        return
+    raise ConfigError(f"--config.{dotted}: the top-level config is frozen")
 
 
 def parse_overrides(argv: list[str]) -> list[tuple[str, str]]:

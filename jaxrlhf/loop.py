@@ -108,7 +108,8 @@ def train_loop(*, state: Any, step_fn: Callable, batches: Iterator, place: Calla
                total_steps: int, run: RunDir, checkpointer: Checkpointer | None = None,
                data_position: Callable[[], dict] | None = None, meta: dict | None = None,
                log_every: int = 1, eval_every: int = 0, save_every: int = 0, hooks: Hooks = Hooks(),
-               tokens_per_step: int | None = None, step_args: tuple = (), progress: bool = True) -> Any:
+               tokens_per_step: int | None = None, step_args: tuple = (), progress: bool = True,
+               stop_after: int = 0) -> Any:
     """Run ``state, metrics = step_fn(state, place(batch), *step_args)`` until ``state.step == total_steps``.
 
     Args:
@@ -118,6 +119,8 @@ def train_loop(*, state: Any, step_fn: Callable, batches: Iterator, place: Calla
       total_steps: the step to stop at.
       checkpointer: saves every ``save_every`` steps and at the end.
       tokens_per_step: for the throughput column (tokens/s).
+      stop_after: leave the loop after this step, as a preempted job would (only the checkpoints
+        already written survive); ``--resume`` continues from the latest one.
     Returns the final state.
     """
     from tqdm import tqdm
@@ -167,6 +170,8 @@ def train_loop(*, state: Any, step_fn: Callable, batches: Iterator, place: Calla
             checkpointer.save(step, state, data_position() if data_position else {}, meta or {})
         if hooks.sample is not None and last:
             hooks.sample(state, step)
+        if stop_after and step >= stop_after:
+            break
     if pending is not None:
         flush(pending)
     bar.close()

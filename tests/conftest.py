@@ -28,3 +28,24 @@ def shared_assets() -> pathlib.Path:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running test (deselect with -m 'not slow')")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_folder(tmp_path_factory, shared_assets) -> pathlib.Path:
+    """A randomly initialised 2-layer Llama saved by ``transformers`` (safetensors + config) together
+    with the real GPT-2 tokenizer: a Hugging Face folder small enough for end-to-end runs in tests."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    tok_dir = shared_assets / "gpt2-tokenizer"
+    for name in ("tokenizer.json", "vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"):
+        shutil.copy(tok_dir / name, folder / name)
+    config = LlamaConfig(vocab_size=50257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, bos_token_id=50256, eos_token_id=50256)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -151,7 +151,8 @@ def train(cfg, resume: bool = False) -> dict:
                        data_position=batches.get_state, meta={"algo": "sft"}, log_every=cfg.train.log_every,
                        eval_every=cfg.train.eval_every or (cfg.train.steps if eval_batches else 0),
                        save_every=cfg.train.save_every, hooks=hooks,
-                       tokens_per_step=cfg.data.batch_size * cfg.data.max_length)
+                       tokens_per_step=cfg.data.batch_size * cfg.data.max_length,
+                       stop_after=cfg.train.stop_after)
     run.checkpointer.close()
     run.dir.close()
     metrics = run.dir.read_metrics()
