@@ -91,7 +91,7 @@ def train(cfg, resume: bool = False) -> dict:
 
     import numpy as np
 
-    from jaxrlhf.data.batching import build_lm_batch
+    from jaxrlhf.data.batching import build_lm_batch, pack_lm_examples, stack_examples, unstack_batch
     from jaxrlhf.data.iterator import BatchIterator
     from jaxrlhf.data.tokenize import pad_id_for
     from jaxrlhf.loop import Hooks, train_loop
@@ -107,8 +107,16 @@ def train(cfg, resume: bool = False) -> dict:
     pad_id = pad_id_for(policy.tokenizer)
     collate = functools.partial(build_lm_batch, seq_len=cfg.data.max_length, pad_id=pad_id,
                                 padding_side=cfg.data.padding_side)
-    batches = BatchIterator(train_ex, cfg.data.batch_size, collate, seed=cfg.data.seed,
-                            process_index=jax.process_index(), process_count=jax.process_count())
+    if cfg.data.packing:
+        # Pack the whole (shuffled once by seed) training set into rows of max_length; batches are rows.
+        order = np.random.default_rng(cfg.data.seed).permutation(len(train_ex))
+        rows = unstack_batch(pack_lm_examples([train_ex[i] for i in order], cfg.data.max_length, pad_id))
+        log.info("packing: %d examples -> %d rows of %d tokens", len(train_ex), len(rows), cfg.data.max_length)
+        batches = BatchIterator(rows, cfg.data.batch_size, stack_examples, seed=cfg.data.seed,
+                                process_index=jax.process_index(), process_count=jax.process_count())
+    else:
+        batches = BatchIterator(train_ex, cfg.data.batch_size, collate, seed=cfg.data.seed,
+                                process_index=jax.process_index(), process_count=jax.process_count())
 
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     state, sharding, position = init_or_restore(run, policy.params, tx, resume)
