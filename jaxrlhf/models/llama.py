@@ -103,17 +103,36 @@ def _block(cfg: ModelConfig, rope, x_BTD, lp, mask_B1TS, positions_BT, kv, cache
 
 
 def run_blocks(block_fn, cfg: ModelConfig, x_BTD, layer_params: dict, cache: KVCache | None, *args):
-    """Scan ``block_fn(x, layer_params_l, kv_l, *args)`` over the stacked layers (rematerialised if asked)."""
+    """Scan ``block_fn(x, layer_params_l, kv_l, *args) -> (x, kv_l)`` over the stacked layers.
 
-    def body(x, xs):
-        lp, kv = xs
-        return block_fn(x, lp, kv, *args)
+    With a cache, the full ``[L, ...]`` key/value arrays ride in the scan carry and layer ``l``'s slice
+    is updated in place (``dynamic_update_index_in_dim``), rather than being scanned in and stacked out
+    again, which copied the whole cache on every decode step. ``remat='block'`` recomputes each block
+    in the backward pass.
+    """
+    if cache is None:
+        def body(x, lp):
+            return block_fn(x, lp, None, *args)[0], None
+
+        if cfg.remat == "block":
+            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+        x_BTD, _ = jax.lax.scan(body, x_BTD, layer_params)
+        return x_BTD, None
+
+    def body_cached(carry, xs):
+        x, k_all, v_all = carry
+        lp, layer = xs
+        kv = (jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False),
+              jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False))
+        x, (k, v) = block_fn(x, lp, kv, *args)
+        return (x, jax.lax.dynamic_update_index_in_dim(k_all, k, layer, 0),
+                jax.lax.dynamic_update_index_in_dim(v_all, v, layer, 0)), None
 
     if cfg.remat == "block":
-        body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-    kv_xs = None if cache is None else (cache.k_LBSKd, cache.v_LBSKd)
-    x_BTD, kv_ys = jax.lax.scan(body, x_BTD, (layer_params, kv_xs))
-    return x_BTD, kv_ys
+        body_cached = jax.checkpoint(body_cached, policy=jax.checkpoint_policies.nothing_saveable)
+    (x_BTD, k_all, v_all), _ = jax.lax.scan(body_cached, (x_BTD, cache.k_LBSKd, cache.v_LBSKd),
+                                            (layer_params, jnp.arange(cfg.num_layers)))
+    return x_BTD, (k_all, v_all)
 
 
 def prepare_inputs(tokens_BT, positions_BT, segment_ids_BT, cache: KVCache | None):

