@@ -51,7 +51,7 @@ def run_step(mesh_cfg, batch, grad_accum=1, devices=None):
     state, sh = init_sharded_state(params, tx, mesh)
     if mesh.shape["fsdp"] * mesh.shape["tensor"] > 1:  # the layout really is sharded
         q = state.params["layers"]["q"]
-        assert len(q.value.sharding.device_set) == mesh.size and not q.value.sharding.is_fully_replicated
+        assert len(q[...].sharding.device_set) == mesh.size and not q[...].sharding.is_fully_replicated
     step = jit_step(sft_step, mesh, sh, static_kwargs=dict(graphdef=graphdef, tx=tx, cfg=SFTConfig(),
                                                            grad_accum_steps=grad_accum))
     state, metrics = step(state, place_batch(batch, mesh))
