@@ -304,3 +304,415 @@ def validate(cfg: ExperimentConfig, num_devices: int | None = None) -> None:
 def to_dict(cfg: Any) -> dict:
     """JSON-ready dict of a config (for ``runs/<name>/config.json``)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+# ============================================================================================
+# Preference learning: reward models and the DPO family (owned by jaxrlhf/algos/{reward,dpo}.py).
+# ============================================================================================
+
+def _check(ok: bool, field: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field} {msg}")
+
+
+@dataclasses.dataclass
+class RewardConfig:
+    """Reward model training (``jaxrlhf.algos.reward``): backbone (decoder or encoder) + head.
+
+    Attributes:
+      objective: ``pairwise`` (Bradley–Terry on ``[B, 2, T]`` preference pairs, Ouyang et al. 2022 eq. 1),
+        ``ranking`` (InstructGPT K-wise loss over all ordered pairs of ``[B, N, T]`` rankings) or
+        ``classification`` (softmax cross-entropy over ``num_labels`` classes on ``[B, T]`` texts).
+      margin: constant reward margin of the Bradley–Terry loss (Llama 2 eq. 2; a per-example ``margin``
+        batch key, when the data carries one, is added to it). Pairwise only.
+      center_rewards_coef: weight of ``mean((r_c + r_r)^2)`` (reward centring, Eisenstein et al. 2023);
+        0 disables it. Pairwise only.
+      num_labels: classes of the classification head (``classification`` only; 1 output otherwise).
+      label_smoothing: classification label smoothing ``ε`` in [0, 1).
+      score_label: class whose log-odds ``log p(c) - log(1 - p(c))`` is the classifier's reward.
+      pooling: which hidden state the head reads: ``auto`` (decoders: the last real token; encoders:
+        the mean over real tokens, as sentence-transformers), ``last``, ``mean`` or ``first``.
+      normalize_examples: training examples (a seeded random subset) scored by the normalisation pass
+        after training (reward mean 0, std 1 over them; 0 skips the pass and keeps mean 0, std 1).
+      eval_source: a separate held-out source (e.g. IMDB test) instead of ``data.eval_size`` rows
+        held out of ``data.source``; ``data.eval_size`` then caps how many of its rows are used (0 = all).
+      eval_split: split of ``eval_source``.
+      export: write the trained model to ``runs/<name>/reward_model`` (:func:`save_reward_model`).
+    """
+
+    kind: Literal["reward"] = "reward"
+    objective: Literal["pairwise", "ranking", "classification"] = "pairwise"
+    margin: float = 0.0
+    center_rewards_coef: float = 0.0
+    num_labels: int = 2
+    label_smoothing: float = 0.0
+    score_label: int = 1
+    pooling: Literal["auto", "last", "mean", "first"] = "auto"
+    normalize_examples: int = 256
+    eval_source: str = ""
+    eval_split: str = "test"
+    export: bool = True
+
+    def validate(self, cfg: "ExperimentConfig") -> None:
+        """Raise ConfigError naming the field when the reward settings are inconsistent."""
+        _check(self.objective in ("pairwise", "ranking", "classification"), "algo.objective",
+               f"must be pairwise, ranking or classification, got {self.objective!r}")
+        _check(self.margin >= 0, "algo.margin", f"must be >= 0, got {self.margin}")
+        _check(self.center_rewards_coef >= 0, "algo.center_rewards_coef",
+               f"must be >= 0 (0 disables centring), got {self.center_rewards_coef}")
+        if self.objective != "pairwise":
+            _check(self.margin == 0 and self.center_rewards_coef == 0, "algo.margin",
+                   f"and algo.center_rewards_coef apply to objective='pairwise' only (objective={self.objective!r});"
+                   " set them to 0")
+        if self.objective == "classification":
+            _check(self.num_labels >= 2, "algo.num_labels", f"must be >= 2 for classification, got {self.num_labels}")
+            _check(0 <= self.score_label < self.num_labels, "algo.score_label",
+                   f"must be in [0, algo.num_labels={self.num_labels}), got {self.score_label}")
+            _check(0 <= self.label_smoothing < 1, "algo.label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
+        else:
+            _check(self.label_smoothing == 0, "algo.label_smoothing", "applies to objective='classification' only")
+        _check(self.pooling in ("auto", "last", "mean", "first"), "algo.pooling",
+               f"must be auto, last, mean or first, got {self.pooling!r}")
+        _check(self.normalize_examples >= 0, "algo.normalize_examples", f"must be >= 0, got {self.normalize_examples}")
+        _check(cfg.data.eval_size >= 0, "data.eval_size", f"must be >= 0, got {cfg.data.eval_size}")
+
+
+@dataclasses.dataclass
+class DPOConfig:
+    """Direct preference optimisation family (``jaxrlhf.algos.dpo``), one step for every loss.
+
+    Attributes:
+      loss: ``dpo`` (Rafailov et al. 2023; with ``label_smoothing > 0`` it is cDPO), ``ipo`` (Azar et al.
+        2023, length-averaged log-probs as in TRL), ``simpo`` (Meng et al. 2024, length-normalised,
+        reference-free), ``orpo`` (Hong et al. 2024, NLL on chosen + odds ratio, reference-free) or ``kto``
+        (Ethayarajh et al. 2024: unpaired examples; each preference pair gives one desirable and one
+        undesirable example; KL reference point from mismatched prompt/completion pairs).
+      beta: ``β`` (DPO/IPO/SimPO/KTO temperature; ORPO's ``λ``).
+      label_smoothing: ``ε`` of cDPO / SimPO, in [0, 0.5).
+      simpo_gamma_beta_ratio: SimPO's ``γ/β``.
+      kto_desirable_weight, kto_undesirable_weight: KTO's ``λ_D``, ``λ_U``.
+      reference: ``model`` (reference log-probs computed in the step from frozen reference params) or
+        ``precomputed`` (one jitted pass over the data stores them in the examples; the step then needs
+        no reference model). Ignored by the reference-free losses (simpo, orpo).
+      reference_model: model of the reference (``""`` = the same as ``model.name``, i.e. the initial
+        policy).
+    """
+
+    kind: Literal["dpo"] = "dpo"
+    loss: Literal["dpo", "ipo", "simpo", "orpo", "kto"] = "dpo"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    simpo_gamma_beta_ratio: float = 0.5
+    kto_desirable_weight: float = 1.0
+    kto_undesirable_weight: float = 1.0
+    reference: Literal["model", "precomputed"] = "model"
+    reference_model: str = ""
+
+    @property
+    def uses_reference(self) -> bool:
+        """SimPO and ORPO are reference-free; the others need reference log-probs."""
+        return self.loss not in ("simpo", "orpo")
+
+    def validate(self, cfg: "ExperimentConfig") -> None:
+        """Raise ConfigError naming the field when the DPO settings are inconsistent."""
+        _check(self.loss in ("dpo", "ipo", "simpo", "orpo", "kto"), "algo.loss",
+               f"must be dpo, ipo, simpo, orpo or kto, got {self.loss!r}")
+        _check(self.beta > 0, "algo.beta", f"must be > 0, got {self.beta}")
+        _check(0 <= self.label_smoothing < 0.5, "algo.label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
+        if self.loss not in ("dpo", "simpo"):
+            _check(self.label_smoothing == 0, "algo.label_smoothing",
+                   f"applies to loss='dpo' (cDPO) and 'simpo' only, not {self.loss!r}; set it to 0")
+        _check(self.simpo_gamma_beta_ratio >= 0, "algo.simpo_gamma_beta_ratio", "must be >= 0")
+        _check(self.kto_desirable_weight > 0, "algo.kto_desirable_weight", "must be > 0")
+        _check(self.kto_undesirable_weight > 0, "algo.kto_undesirable_weight", "must be > 0")
+        _check(self.reference in ("model", "precomputed"), "algo.reference",
+               f"must be model or precomputed, got {self.reference!r}")
+        _check(cfg.data.eval_size >= 0, "data.eval_size", f"must be >= 0, got {cfg.data.eval_size}")
+        if self.loss == "kto":
+            _check(cfg.data.batch_size >= 2, "data.batch_size",
+                   "must be >= 2 for KTO (the KL reference point needs mismatched pairs)")
+
+
+# ================================================================================================
+# RL from feedback (PPO, GRPO, RLOO): rollout, reward sources, KL control.  Owner: algos/ppo.py,
+# algos/grpo.py, rewards.py. These sections are frozen (hashable): they are static arguments of the
+# jitted rollout/update functions. Dotted overrides still work (frozen sections are replaced by copies).
+# ================================================================================================
+
+def _rl_checks(checks: list[tuple[bool, str, str]]) -> None:
+    for ok, field, msg in checks:
+        if not ok:
+            raise ConfigError(f"{field} {msg}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardSpec:
+    """Where the scalar score of a completion comes from: a weighted sum of up to three kinds of source.
+
+    ``score = Σ_i function_weights[i]·f_i(prompts, completions) + classifier_weight·classifier
+    + reward_model_weight·reward_model`` (each source that is set; at least one must be).
+
+    Attributes:
+      functions: import paths ``"package.module:callable"`` of Python functions
+        ``f(prompts: list[str], completions: list[str]) -> float[B]`` run on the host on decoded text
+        (e.g. ``jaxrlhf.rewards:vader_sentiment``, ``jaxrlhf.rewards:lexicon_sentiment``).
+      function_weights: one weight per function (empty = all 1.0).
+      classifier: a Hugging Face sequence-classifier folder (BERT/RoBERTa/DistilBERT); "" = off. The
+        decoded text is re-tokenised with the classifier's tokenizer on the host, the encoder runs on
+        the device.
+      classifier_label: the class whose output is the score (a name from ``id2label``, or an index).
+      classifier_output: ``logit`` (raw logit of the label), ``prob`` (softmax probability),
+        ``logprob`` (log-softmax) or ``margin`` (label logit minus the largest other logit).
+      classifier_weight: weight of the classifier term.
+      classifier_max_length: classifier tokens per text (truncated).
+      score_prompt: the text scored by classifier and reward model is prompt + completion (True) or
+        the completion alone (False). Functions always receive both.
+      reward_model: a trained reward model (decoder + scalar head) to load; "" = off.
+      reward_model_weight: weight of the reward-model term.
+      reward_model_mean / reward_model_std: the reward model's score is ``(r - mean) / std``.
+    """
+
+    functions: tuple[str, ...] = ()
+    function_weights: tuple[float, ...] = ()
+    classifier: str = ""
+    classifier_label: str = "positive"
+    classifier_output: Literal["logit", "prob", "logprob", "margin"] = "logit"
+    classifier_weight: float = 1.0
+    classifier_max_length: int = 512
+    score_prompt: bool = True
+    reward_model: str = ""
+    reward_model_weight: float = 1.0
+    reward_model_mean: float = 0.0
+    reward_model_std: float = 1.0
+
+    def validate(self, prefix: str = "algo.reward") -> None:
+        _rl_checks([
+            (bool(self.functions or self.classifier or self.reward_model), prefix,
+             "has no source; set functions, classifier or reward_model"),
+            (not self.function_weights or len(self.function_weights) == len(self.functions),
+             f"{prefix}.function_weights", f"needs one weight per function ({len(self.functions)}), "
+             f"got {len(self.function_weights)}"),
+            (all(":" in f for f in self.functions), f"{prefix}.functions",
+             f"entries must be import paths 'package.module:callable', got {self.functions}"),
+            (self.classifier_max_length >= 2, f"{prefix}.classifier_max_length", "must be >= 2"),
+            (self.reward_model_std > 0, f"{prefix}.reward_model_std", "must be > 0"),
+        ])
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    """How completions are sampled and how their scores are shaped (shared by PPO, GRPO, RLOO).
+
+    Attributes:
+      max_new_tokens: completion tokens per row (N of the sampler).
+      num_completions: completions sampled per prompt (G; rollout rows = data.batch_size * G). GRPO and
+        RLOO need >= 2 (the group is their baseline).
+      temperature / top_k / top_p: sampling settings (the same temperature divides the logits when
+        log-probs are recomputed for the losses and the KL).
+      missing_eos_penalty: subtracted from the score of a completion that never emitted EOS (0 = off).
+      score_scale: the (penalised) score is multiplied by this ...
+      score_clip: ... then clipped to ``[-score_clip, score_clip]`` (0 = off).
+      whiten_scores: whiten the scores over the batch (mean 0, std 1) after scaling (before clipping).
+    """
+
+    max_new_tokens: int = 32
+    num_completions: int = 1
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    missing_eos_penalty: float = 0.0
+    score_scale: float = 1.0
+    score_clip: float = 0.0
+    whiten_scores: bool = False
+
+    def validate(self, prefix: str = "algo.rollout") -> None:
+        _rl_checks([
+            (self.max_new_tokens >= 1, f"{prefix}.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}"),
+            (self.num_completions >= 1, f"{prefix}.num_completions", f"must be >= 1, got {self.num_completions}"),
+            (self.temperature > 0, f"{prefix}.temperature",
+             f"must be > 0 for on-policy RL (sampled, not greedy), got {self.temperature}"),
+            (self.top_k >= 0, f"{prefix}.top_k", "must be >= 0 (0 = off)"),
+            (0 < self.top_p <= 1, f"{prefix}.top_p", "must be in (0, 1]"),
+            (self.missing_eos_penalty >= 0, f"{prefix}.missing_eos_penalty", "must be >= 0 (it is subtracted)"),
+            (self.score_clip >= 0, f"{prefix}.score_clip", "must be >= 0 (0 = off)"),
+        ])
+
+
+@dataclasses.dataclass(frozen=True)
+class KLConfig:
+    """KL(π || π_ref) penalty in the reward, ``r_t = -coef · KL_t`` (Ziegler et al. 2019 §2.2).
+
+    Attributes:
+      coef: the (initial) coefficient β; lives in ``TrainState.extra`` during training.
+      estimator: per-token estimator of the KL in the reward (``k1`` = log π - log π_ref, ``k2``, ``k3``;
+        Schulman 2020).
+      controller: ``fixed`` or ``adaptive`` (Ziegler et al. 2019: β ← β(1 + clip(KL/target - 1, ±0.2)·n/horizon)
+        after every iteration, n = rollout rows, KL = mean over rows of the summed k1 estimate).
+      target: target KL per sequence (nats) of the adaptive controller.
+      horizon: its horizon, in samples.
+    """
+
+    coef: float = 0.05
+    estimator: Literal["k1", "k2", "k3"] = "k1"
+    controller: Literal["fixed", "adaptive"] = "fixed"
+    target: float = 6.0
+    horizon: float = 10000.0
+
+    def validate(self, prefix: str = "algo.kl") -> None:
+        _rl_checks([
+            (self.coef >= 0, f"{prefix}.coef", f"must be >= 0, got {self.coef}"),
+            (self.target > 0, f"{prefix}.target", f"must be > 0, got {self.target}"),
+            (self.horizon > 0, f"{prefix}.horizon", f"must be > 0, got {self.horizon}"),
+        ])
+
+
+def _check_rl_common(cfg: "ExperimentConfig", algo: Any) -> None:
+    d, o, r = cfg.data, cfg.optim, algo.rollout
+    r.validate()
+    algo.reward.validate()
+    rows = d.batch_size * r.num_completions
+    _rl_checks([
+        (algo.epochs >= 1, "algo.epochs", f"must be >= 1, got {algo.epochs}"),
+        (algo.num_minibatches >= 1, "algo.num_minibatches", f"must be >= 1, got {algo.num_minibatches}"),
+        (rows % (algo.num_minibatches * o.grad_accum_steps) == 0, "algo.num_minibatches",
+         f"rollout rows = data.batch_size*rollout.num_completions = {rows} must be divisible by "
+         f"algo.num_minibatches*optim.grad_accum_steps = {algo.num_minibatches * o.grad_accum_steps}"),
+        (d.max_prompt_length + r.max_new_tokens <= d.max_length, "data.max_length",
+         f"must be >= data.max_prompt_length + algo.rollout.max_new_tokens = "
+         f"{d.max_prompt_length + r.max_new_tokens}, got {d.max_length}"),
+        (algo.clip_eps > 0, "algo.clip_eps", f"must be > 0, got {algo.clip_eps}"),
+        (algo.clip_eps_high is None or algo.clip_eps_high > 0, "algo.clip_eps_high", "must be > 0 or None"),
+        (algo.aggregation in ("token", "sequence"), "algo.aggregation", "must be token or sequence"),
+        (algo.entropy_coef >= 0, "algo.entropy_coef", "must be >= 0"),
+    ])
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+    """PPO for language models with a frozen reference and a KL penalty in the reward (Ziegler et al.
+    2019; Ouyang et al. 2022; Schulman et al. 2017 for the clipped objective).
+
+    Attributes:
+      rollout / reward / kl: see :class:`RolloutConfig`, :class:`RewardSpec`, :class:`KLConfig`.
+      critic: ``separate`` (default: a second copy of the policy's decoder with a scalar head; the value
+        loss never moves the policy's weights, as in InstructGPT/TRL) or ``shared`` (a scalar head on the
+        policy's own final hidden states: half the memory and one forward/backward instead of two per
+        minibatch, but the value loss, weighted by ``vf_coef``, also trains the policy's trunk).
+      gamma / lam: GAE discount and λ (Schulman et al. 2016); γ = 1 is usual for LM episodes.
+      epochs / num_minibatches: each rollout is reused for ``epochs`` passes, each in ``num_minibatches``
+        shuffled minibatches (one optimizer step each), all inside one jitted ``lax.scan``.
+      clip_eps / clip_eps_high / dual_clip: policy ratio clipping ε_low, ε_high (None = ε_low) and the
+        dual-clip bound c > 1 for negative advantages (None = off).
+      value_clip_eps: clip of the value update around the rollout's values (None = off).
+      vf_coef / entropy_coef: weights of the value loss and of the entropy bonus.
+      aggregation: ``token`` (default): every completion token of the minibatch weighs the same;
+        ``sequence``: tokens are averaged within each completion, then completions averaged.
+      whiten_advantages: whiten advantages over the rollout's completion tokens (mean 0, std 1).
+      whiten_rewards: rescale per-token rewards by their std (no shift) before GAE.
+    """
+
+    kind: Literal["ppo"] = "ppo"
+    rollout: RolloutConfig = RolloutConfig()
+    reward: RewardSpec = RewardSpec(functions=("jaxrlhf.rewards:lexicon_sentiment",))
+    kl: KLConfig = KLConfig()
+    critic: Literal["separate", "shared"] = "separate"
+    gamma: float = 1.0
+    lam: float = 0.95
+    epochs: int = 4
+    num_minibatches: int = 1
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    dual_clip: float | None = None
+    value_clip_eps: float | None = 0.2
+    vf_coef: float = 0.1
+    entropy_coef: float = 0.0
+    aggregation: Literal["token", "sequence"] = "token"
+    whiten_advantages: bool = True
+    whiten_rewards: bool = False
+
+    def validate(self, cfg: "ExperimentConfig") -> None:
+        _check_rl_common(cfg, self)
+        self.kl.validate()
+        _rl_checks([
+            (self.critic in ("separate", "shared"), "algo.critic", "must be separate or shared"),
+            (0 <= self.gamma <= 1, "algo.gamma", f"must be in [0, 1], got {self.gamma}"),
+            (0 <= self.lam <= 1, "algo.lam", f"must be in [0, 1], got {self.lam}"),
+            (self.dual_clip is None or self.dual_clip > 1, "algo.dual_clip", "must be > 1 or None"),
+            (self.value_clip_eps is None or self.value_clip_eps > 0, "algo.value_clip_eps", "must be > 0 or None"),
+            (self.vf_coef >= 0, "algo.vf_coef", "must be >= 0"),
+        ])
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    """GRPO (Shao et al. 2024, DeepSeekMath §4.1): no critic; the advantage of each of the G completions
+    of a prompt is its group-normalised score ``(r - mean) / (std + eps)``, given to every token; the KL
+    to the reference is a loss term ``beta · k3`` per token (not part of the reward).
+
+    Attributes:
+      rollout: ``num_completions`` is the group size G (>= 2).
+      beta: weight of the k3 KL loss term.
+      scale_rewards: divide by the group std (False: only centre, the "Dr. GRPO" variant).
+      aggregation: ``sequence`` (default, the paper's 1/|o_i| per completion then mean over the group)
+        or ``token``.
+      epochs / num_minibatches / clip_eps / clip_eps_high / entropy_coef: as in :class:`PPOConfig`.
+      whiten_advantages: whiten the token advantages over the whole rollout as well (off: the group
+        normalisation already scales them).
+    """
+
+    kind: Literal["grpo"] = "grpo"
+    rollout: RolloutConfig = RolloutConfig(num_completions=4)
+    reward: RewardSpec = RewardSpec(functions=("jaxrlhf.rewards:lexicon_sentiment",))
+    beta: float = 0.04
+    scale_rewards: bool = True
+    epochs: int = 1
+    num_minibatches: int = 1
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    entropy_coef: float = 0.0
+    aggregation: Literal["token", "sequence"] = "sequence"
+    whiten_advantages: bool = False
+
+    def validate(self, cfg: "ExperimentConfig") -> None:
+        _check_rl_common(cfg, self)
+        _rl_checks([
+            (self.rollout.num_completions >= 2, "algo.rollout.num_completions",
+             f"must be >= 2 for GRPO's group baseline, got {self.rollout.num_completions}"),
+            (self.beta >= 0, "algo.beta", f"must be >= 0, got {self.beta}"),
+        ])
+
+
+@dataclasses.dataclass(frozen=True)
+class RLOOConfig:
+    """RLOO (Kool et al. 2019; Ahmadian et al. 2024): no critic; the sequence reward
+    ``score - coef · Σ_t KL_t`` (KL in the reward, as PPO) gets the leave-one-out baseline of the other
+    G-1 completions of its prompt; the advantage is given to every token and optimised with the clipped
+    ratio (one epoch, one minibatch = plain REINFORCE with the baseline).
+
+    Attributes:
+      kl: as :class:`KLConfig` (fixed or adaptive).
+      whiten_advantages: whiten the token advantages over the rollout (off by default, as the paper).
+      aggregation: ``token`` (default: the gradient is Σ_i A_i ∇ log π(y_i) over whole sequences, up to a
+        constant) or ``sequence``.
+      others: as :class:`GRPOConfig`.
+    """
+
+    kind: Literal["rloo"] = "rloo"
+    rollout: RolloutConfig = RolloutConfig(num_completions=4)
+    reward: RewardSpec = RewardSpec(functions=("jaxrlhf.rewards:lexicon_sentiment",))
+    kl: KLConfig = KLConfig()
+    epochs: int = 1
+    num_minibatches: int = 1
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    entropy_coef: float = 0.0
+    aggregation: Literal["token", "sequence"] = "token"
+    whiten_advantages: bool = False
+
+    def validate(self, cfg: "ExperimentConfig") -> None:
+        _check_rl_common(cfg, self)
+        self.kl.validate()
+        _rl_checks([
+            (self.rollout.num_completions >= 2, "algo.rollout.num_completions",
+             f"must be >= 2 for the leave-one-out baseline, got {self.rollout.num_completions}"),
+        ])

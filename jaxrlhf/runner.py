@@ -100,6 +100,11 @@ def init_or_restore(run: Run, params: Any, tx: Any, resume: bool, extra: Any = N
 # algo.kind -> module whose ``train(cfg, resume)`` runs it (imported lazily: drivers pull in data/models).
 DRIVERS: dict[str, str] = {
     "sft": "jaxrlhf.algos.sft",
+    "ppo": "jaxrlhf.algos.ppo",
+    "grpo": "jaxrlhf.algos.grpo",
+    "rloo": "jaxrlhf.algos.grpo",
+    "reward": "jaxrlhf.algos.reward",
+    "dpo": "jaxrlhf.algos.dpo",
 }
 
 

@@ -1,0 +1,42 @@
+"""DPO (and IPO / SimPO / ORPO / KTO, via ``sweep()``) of SmolLM2-135M-Instruct on HH-RLHF harmless-base.
+
+The same 2312 human preference pairs as ``reward_hh_smollm2.py``, with the same FIXED 312 held out; the
+held-out figures are the implicit-reward accuracy (chosen reward > rejected) and the mean implicit reward
+margin. The reference is the initial policy. Default size is for the project's 2-core CPU;
+``--arg full`` is the accelerator-sized variant.
+
+    jaxrlhf run experiments/dpo_hh_smollm2.py --config.algo.beta=0.3 --config.algo.loss=ipo
+"""
+
+from configs.assets import HH_RLHF_HARMLESS
+from configs.models import smollm2_135m
+from jaxrlhf.config import DataConfig, DPOConfig, ExperimentConfig, OptimConfig, TrainConfig
+
+
+def get_config(arg=None) -> ExperimentConfig:
+    cfg = ExperimentConfig(
+        name="dpo_hh_smollm2",
+        model=smollm2_135m(),
+        optim=OptimConfig(lr=1e-5, warmup_steps=1, schedule="cosine", weight_decay=0.0, max_grad_norm=10.0),
+        data=DataConfig(source=HH_RLHF_HARMLESS(), split="test", batch_size=8, max_length=128,
+                        max_prompt_length=64, eval_size=312, seed=0),
+        train=TrainConfig(steps=10, log_every=1, eval_every=0, save_every=10, num_samples=2, max_new_tokens=32),
+        algo=DPOConfig(loss="dpo", beta=0.1, reference="model"),
+    )
+    if arg == "full":
+        cfg.name = "dpo_hh_smollm2_full"
+        cfg.data.max_length, cfg.data.max_prompt_length, cfg.data.batch_size = 512, 256, 32
+        cfg.optim.lr, cfg.optim.warmup_steps = 5e-7, 10
+        cfg.train.steps, cfg.train.eval_every, cfg.train.save_every = 125, 25, 125  # 2 epochs of 2000 pairs
+        cfg.algo.reference = "precomputed"
+    elif arg not in (None, ""):
+        raise ValueError(f"unknown --arg {arg!r}; use 'full' or nothing")
+    return cfg
+
+
+def sweep() -> list[dict[str, str]]:
+    """Loss type x beta (each point gets its own run name). SimPO uses its paper's larger betas."""
+    points = [("dpo", b) for b in (0.05, 0.1, 0.3)] + [("ipo", b) for b in (0.1, 0.5)]
+    points += [("simpo", b) for b in (2.0, 2.5)] + [("orpo", 0.1), ("kto", 0.1)]
+    return [{"algo.loss": loss, "algo.beta": str(beta), "name": f"dpo_hh_smollm2_{loss}_b{beta}"}
+            for loss, beta in points]

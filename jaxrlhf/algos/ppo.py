@@ -1,0 +1,169 @@
+"""PPO for language models with a frozen reference and a KL penalty in the reward.
+
+Ziegler et al. 2019 ("Fine-Tuning Language Models from Human Preferences") and Ouyang et al. 2022
+(InstructGPT), with Schulman et al. 2017's clipped objective and GAE (Schulman et al. 2016).
+
+Rollout (:func:`ppo_experience`, one jit after sampling and scoring; see :mod:`jaxrlhf.algos.rollout`):
+
+1. log-probs of the sampled tokens under the policy (``old_logps``) and the frozen reference, one forward
+   pass each over prompt + completion, at the sampling temperature;
+2. values ``V_t`` from the critic (see *critic* below);
+3. per-token rewards ``r_t = -β·KL_t`` on every completion token (estimator k1/k2/k3), plus the shaped
+   score on the last completion token (:func:`~jaxrlhf.algos.rollout.per_token_rewards`);
+4. optional reward whitening, then ``GAE(γ, λ)`` advantages and returns ``A_t + V_t``; optional advantage
+   whitening over the rollout's completion tokens.
+
+Update (:func:`ppo_update`, one jit): ``epochs`` × ``num_minibatches`` minibatch steps in a nested
+``lax.scan``; loss = clipped policy loss (asymmetric ε and dual-clip optional) + ``vf_coef`` · clipped
+value loss − ``entropy_coef`` · entropy, aggregated per token (default: every completion token weighs the
+same) or per sequence (token mean within a completion, then mean over completions). Then the KL
+controller (fixed, or Ziegler's adaptive rule) updates ``β`` in ``TrainState.extra["kl"]``; ``state.step``
+counts iterations (the optimizer's own count drives the learning-rate schedule).
+
+Critic: ``separate`` (default) is a second copy of the policy's decoder with a scalar head, initialised
+from the policy; the value loss cannot disturb the policy's representation (InstructGPT / TRL's setup),
+at the price of twice the parameters and an extra forward/backward per minibatch. ``shared`` puts the
+head on the policy's own final hidden state (one forward/backward; the value loss, scaled by
+``vf_coef``, also trains the trunk). The head starts at zero (V = 0 everywhere) so early value errors are
+the returns themselves, not a random offset.
+
+Parameters (``TrainState.params``): ``{"policy", "value_head"}`` plus ``"critic"`` (separate).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxrlhf.algos.rollout import (LM_KEYS, RLAlgorithm, advantage_metrics, aggregate, aggregate_normaliser, copy_tree,
+                                   explained_variance, kl_controller_update, minibatch_epochs, per_token_rewards,
+                                   rollout_metrics, sequence_kl, shape_scores, shift_values, token_entropy,
+                                   token_logps, train_rl)
+from jaxrlhf.config import PPOConfig
+from jaxrlhf.losses import ppo_policy_loss, ppo_value_loss
+from jaxrlhf.models.heads import ScalarHead
+from jaxrlhf.ops import gae, kl_penalty, masked_mean, masked_whiten
+from jaxrlhf.train_state import TrainState
+
+__all__ = ["PPOGraphs", "copy_tree", "ppo_init_params", "policy_and_values", "ppo_experience", "ppo_loss", "ppo_update",
+           "PPO", "train"]
+
+
+class PPOGraphs(NamedTuple):
+    """Static graph definitions: the policy decoder (also the separate critic's) and the value head."""
+
+    policy: nnx.GraphDef
+    value_head: nnx.GraphDef
+
+
+def ppo_init_params(policy_params, graphdef: nnx.GraphDef, model_cfg, cfg: PPOConfig, key) -> tuple[dict, PPOGraphs]:
+    """``({"policy", "value_head"[, "critic"]}, PPOGraphs)``; the head is zero, the separate critic a copy
+    of the policy."""
+    head = ScalarHead(model_cfg.hidden_size, rngs=nnx.Rngs(params=key))
+    head_gd, head_params = nnx.split(head)
+    params = {"policy": policy_params, "value_head": jax.tree.map(jnp.zeros_like, head_params)}
+    if cfg.critic == "separate":
+        params["critic"] = copy_tree(policy_params)
+    return params, PPOGraphs(graphdef, head_gd)
+
+
+def policy_and_values(params: dict, lm: dict, *, graphs: PPOGraphs, critic: str, temperature: float):
+    """``(logps_BS, values_BS, logits_BSV)`` of an LM batch (values aligned with tokens, 0 off the
+    completion; see :mod:`jaxrlhf.algos.rollout` for the alignment)."""
+    logps, out = token_logps(graphs.policy, params["policy"], lm, temperature)
+    if critic == "shared":
+        hidden = out.hidden_BTD
+    else:
+        hidden = nnx.merge(graphs.policy, params["critic"])(lm["tokens"], lm["positions"], lm["segment_ids"]).hidden_BTD
+    head = nnx.merge(graphs.value_head, params["value_head"])
+    values = shift_values(head(hidden))
+    return logps, jnp.where(lm["completion_mask"] > 0, values, 0.0), out.logits_BTV
+
+
+def ppo_experience(state: TrainState, ref_params, lm: dict, truncated_B, scores_B, *, graphs: PPOGraphs,
+                   cfg: PPOConfig) -> tuple[dict, dict]:
+    """Everything the update needs from one rollout (pure; jit it).
+
+    Args:
+      state: the train state (params and ``extra["kl"].coef``).
+      ref_params: frozen reference policy params.
+      lm: LM batch ``[B, S]`` of prompt + completion (``SampleOutput.lm_batch()``).
+      truncated_B: bool, completions without EOS.
+      scores_B: float32 raw scores of the reward.
+
+    Returns:
+      ``(exp, metrics)``; ``exp`` holds the LM keys plus float32 ``[B, S]`` ``old_logps``, ``ref_logps``,
+      ``old_values``, ``kl`` (the penalty estimator), ``rewards``, ``advantages`` (whitened when asked),
+      ``returns``, and ``scores`` ``[B]`` (shaped).
+    """
+    T = cfg.rollout.temperature
+    mask = lm["completion_mask"]
+    logps, values, _ = policy_and_values(state.params, lm, graphs=graphs, critic=cfg.critic, temperature=T)
+    ref_logps, _ = token_logps(graphs.policy, ref_params, lm, T)
+    coef = state.extra["kl"].coef
+    kl = jnp.where(mask > 0, kl_penalty(logps, ref_logps, cfg.kl.estimator), 0.0)
+    shaped = shape_scores(scores_B, truncated_B, cfg.rollout)
+    rewards, non_score = per_token_rewards(shaped, kl, mask, coef)
+    if cfg.whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
+    adv, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+    metrics = {**rollout_metrics(scores_B, shaped, logps, ref_logps, non_score, mask, truncated_B, coef),
+               **advantage_metrics(adv, mask),
+               "value/explained_variance": explained_variance(values, returns, mask),
+               "value/rollout_mean": masked_mean(values, mask), "returns/mean": masked_mean(returns, mask)}
+    if cfg.whiten_advantages:
+        adv = masked_whiten(adv, mask)
+    exp = {**lm, "old_logps": logps, "ref_logps": ref_logps, "old_values": values, "kl": kl, "rewards": rewards,
+           "advantages": adv, "returns": returns, "scores": shaped}
+    return jax.lax.stop_gradient(exp), metrics
+
+
+def ppo_loss(params, mb: dict, *, graphs: PPOGraphs, cfg: PPOConfig):
+    """``(loss · n, (n, metrics))`` for :func:`jaxrlhf.train_state.gradient_step` (``n`` = completion tokens
+    or completions, by ``cfg.aggregation``): clipped policy loss + ``vf_coef`` · value loss −
+    ``entropy_coef`` · entropy."""
+    T = cfg.rollout.temperature
+    mask = mb["completion_mask"]
+    logps, values, logits = policy_and_values(params, mb, graphs=graphs, critic=cfg.critic, temperature=T)
+    pg, pg_m = ppo_policy_loss(logps, mb["old_logps"], mb["advantages"], mask, clip_eps=cfg.clip_eps,
+                               clip_eps_high=cfg.clip_eps_high, dual_clip=cfg.dual_clip, aggregation=cfg.aggregation)
+    vf, vf_m = ppo_value_loss(values, mb["old_values"], mb["returns"], mask, clip_eps=cfg.value_clip_eps,
+                              aggregation=cfg.aggregation)
+    ent_BS = token_entropy(logits if cfg.entropy_coef else jax.lax.stop_gradient(logits), T)
+    ent = aggregate(ent_BS, mask, cfg.aggregation)
+    loss = pg + cfg.vf_coef * vf - cfg.entropy_coef * ent
+    n = aggregate_normaliser(mask, cfg.aggregation)
+    metrics = {k: v for k, v in {**pg_m, **vf_m}.items() if k != "loss"}
+    metrics["policy/entropy"] = jax.lax.stop_gradient(ent)
+    return loss * n, (n, metrics)
+
+
+UPDATE_KEYS = (*LM_KEYS, "old_logps", "old_values", "advantages", "returns")
+
+
+def ppo_update(state: TrainState, exp: dict, key, *, graphs: PPOGraphs, tx: optax.GradientTransformation,
+               cfg: PPOConfig, grad_accum_steps: int = 1) -> tuple[TrainState, dict]:
+    """``cfg.epochs`` × ``cfg.num_minibatches`` optimizer steps on one rollout, then the KL controller
+    (pure; jit it and donate the state). ``state.step`` advances by one (an iteration)."""
+    step0 = state.step
+    data = {k: exp[k] for k in UPDATE_KEYS}
+    loss_fn = functools.partial(ppo_loss, graphs=graphs, cfg=cfg)
+    state, metrics = minibatch_epochs(state, data, key, loss_fn=loss_fn, tx=tx, epochs=cfg.epochs,
+                                      num_minibatches=cfg.num_minibatches, grad_accum_steps=grad_accum_steps)
+    seq_kl = sequence_kl(exp["old_logps"], exp["ref_logps"], exp["completion_mask"])
+    extra = kl_controller_update(state.extra, seq_kl, cfg.kl)
+    return state.replace(step=step0 + 1, extra=extra), metrics
+
+
+PPO = RLAlgorithm(init_params=ppo_init_params, experience=ppo_experience, update=ppo_update,
+                  initial_coef=lambda cfg: cfg.kl.coef)
+
+
+def train(cfg, resume: bool = False) -> dict:
+    """Run PPO (``cfg.algo`` a :class:`~jaxrlhf.config.PPOConfig`); see :func:`jaxrlhf.algos.rollout.train_rl`."""
+    return train_rl(cfg, resume, PPO, "ppo")
