@@ -49,6 +49,17 @@ def jnp_batch(b):
     return jax.tree.map(jnp.asarray, b)
 
 
+@jax.jit
+def _forward(state, tokens, positions, segment_ids):
+    return nnx.merge(*state)(tokens, positions, segment_ids)
+
+
+def forward(rm, b):
+    """The reward model on a batch dict, jitted (one compilation per shape)."""
+    return np.asarray(_forward(nnx.split(rm), jnp.asarray(b["tokens"]), jnp.asarray(b["positions"]),
+                               jnp.asarray(b["segment_ids"])))
+
+
 def rewards_one_by_one(rm, sequences):
     """Reward of each sequence, recomputed without jaxrlhf's padding/pooling code: every sequence in its own
     row with no segment ids (junk tokens after its end; causal attention keeps them out of positions < n),
@@ -69,8 +80,7 @@ def test_reward_reads_last_token_invariant_to_padding():
     out = {}
     for name, kw in {"right": dict(seq_len=T), "more_right": dict(seq_len=T + 9, pad_id=3),
                      "left": dict(seq_len=T, padding_side="left")}.items():
-        b = jnp_batch(build_preference_batch(pairs, pad_id=kw.pop("pad_id", 0), **kw))
-        out[name] = np.asarray(rm(b["tokens"], b["positions"], b["segment_ids"]))
+        out[name] = forward(rm, build_preference_batch(pairs, pad_id=kw.pop("pad_id", 0), **kw))
     assert out["right"].shape == (8, 2)
     np.testing.assert_allclose(out["more_right"], out["right"], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out["left"], out["right"], rtol=1e-5, atol=1e-5)
@@ -81,8 +91,7 @@ def test_reward_reads_last_token_invariant_to_padding():
     b = build_preference_batch(pairs, T, pad_id=0)
     n0 = int(b["segment_ids"][0, 0].sum())
     b["tokens"][0, 0, n0 - 1] = (b["tokens"][0, 0, n0 - 1] + 1) % CFG.vocab_size
-    b = jnp_batch(b)
-    assert abs(float(rm(b["tokens"], b["positions"], b["segment_ids"])[0, 0]) - out["right"][0, 0]) > 1e-6
+    assert abs(float(forward(rm, b)[0, 0]) - out["right"][0, 0]) > 1e-6
 
 
 def _ranked(rng, B=3, N=4):
@@ -132,15 +141,16 @@ def test_pairwise_loss_with_margin_and_centring_matches_numpy():
 @pytest.mark.parametrize("cfg", [CFG, BERT], ids=["decoder_last_token", "encoder_mean_pool"])
 def test_classification_loss_matches_numpy(cfg):
     rng = np.random.default_rng(3)
-    ex = [(seq(rng, 2, 12), int(rng.integers(0, 3))) for _ in range(6)]
+    ex = [(seq(rng, 2, 12), int(rng.integers(0, 3))) for _ in range(4)]
     rm = rm_of(num_outputs=3, cfg=cfg)
     gd, params, stats = split_reward_model(rm)
     batch = jnp_batch(build_classification_batch(ex, T, pad_id=0))
     rcfg = RewardConfig(objective="classification", num_labels=3, score_label=1, label_smoothing=0.1)
     loss_sum, (n, metrics) = reward_loss(params, batch, graphdef=gd, stats=stats, cfg=rcfg)
-    logits = np.stack([np.asarray(nnx.merge(gd, params, stats)(
-        jnp.asarray(x[None]), jnp.arange(len(x))[None], jnp.ones((1, len(x)), jnp.int32))[0], np.float64)
-        for x, _ in ex])
+    model = nnx.merge(gd, params, stats)  # each text alone, unpadded (no padding or masking involved)
+    logits = np.stack([forward(model, {"tokens": x[None], "positions": np.arange(len(x))[None],
+                                       "segment_ids": np.ones((1, len(x)), np.int32)})[0] for x, _ in ex])
+    logits = logits.astype(np.float64)
     logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
     y = np.array([label for _, label in ex])
     target = 0.9 * np.eye(3)[y] + 0.1 / 3
@@ -220,6 +230,7 @@ def test_eval_metrics_skip_padding_rows():
     assert m["examples"] == 2 and m["accuracy"] == 0.5
 
 
+@pytest.mark.slow
 def test_reward_driver_end_to_end_on_hh(shared_assets, tmp_path):
     """A tiny decoder with the GPT-2 tokenizer, 2 steps on real HH pairs: eval, normalisation, export, load."""
     from transformers import AutoTokenizer
