@@ -3,6 +3,7 @@ report."""
 
 import json
 
+import numpy as np
 import pytest
 
 from jaxrlhf import config as C
@@ -30,7 +31,7 @@ def train_lines(run_dir, name):
 
 def test_resume_continues_to_the_same_metrics(tiny_llama_folder, shared_assets, tmp_path, monkeypatch):
     source = str(shared_assets / "alpaca-seed-tasks" / "seed_tasks.jsonl")
-    run_experiment(tiny_sft_config(tiny_llama_folder, source, tmp_path, "straight"))
+    summary = run_experiment(tiny_sft_config(tiny_llama_folder, source, tmp_path, "straight"))
     # Interrupted after step 3 (the last checkpoint is step 2), then resumed to the end.
     run_experiment(tiny_sft_config(tiny_llama_folder, source, tmp_path, "resumed", stop_after=3))
     assert [m["step"] for m in train_lines(tmp_path, "resumed")] == [1, 2, 3]
@@ -46,6 +47,19 @@ def test_resume_continues_to_the_same_metrics(tiny_llama_folder, shared_assets, 
     samples = [json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()]
     assert {s["tag"] for s in samples} == {"before", "after"}
     assert any((run / "tb").iterdir())
+    # The finished policy is exported as a Hugging Face folder that reloads to the trained weights.
+    from flax import nnx
+
+    from jaxrlhf.models.hf import load_hf_folder
+
+    model, _ = load_hf_folder(run / "hf")
+    trained = nnx.state(model)
+    assert (run / "hf" / "tokenizer.json").exists() and (run / "hf" / "config.json").exists()
+    for name in ("embed", "final_norm"):
+        np.testing.assert_array_equal(np.asarray(trained[name][...]),
+                                      np.asarray(summary["state"].params[name][...]))
+    np.testing.assert_array_equal(np.asarray(trained["layers"]["q"][...]),
+                                  np.asarray(summary["state"].params["layers"]["q"][...]))
 
 
 def test_refuses_to_overwrite_finished_checkpoints(tiny_llama_folder, shared_assets, tmp_path):

@@ -161,6 +161,12 @@ def train(cfg, resume: bool = False) -> dict:
                        save_every=cfg.train.save_every, hooks=hooks,
                        tokens_per_step=cfg.data.batch_size * cfg.data.max_length,
                        stop_after=cfg.train.stop_after)
+    if int(jax.device_get(state.step)) == cfg.train.steps and jax.process_index() == 0:
+        # The finished policy as a Hugging Face folder (transformers loads it; so does load_pretrained).
+        from jaxrlhf.models.hf import save_hf_folder
+
+        save_hf_folder(nnx.merge(policy.graphdef, jax.device_get(state.params)), policy.model_cfg,
+                       run.dir.path / "hf", tokenizer=policy.tokenizer)
     run.checkpointer.close()
     run.dir.close()
     metrics = run.dir.read_metrics()
