@@ -144,3 +144,34 @@ def complete_prompt_ids(graphdef, params, tokenizer, prompt_ids: list, *, max_ne
                                 jax.random.key(seed), scfg))
     return [tokenizer.decode(t[m > 0], skip_special_tokens=True)
             for t, m in zip(out.completion_tokens_BN, out.completion_mask_BN)]
+
+
+def sample_hook(run: Run, policy: Policy, prompt_ids: list, max_new_tokens: int):
+    """``samples(state, tag, step) -> list[dict]``: greedy completions of fixed held-out prompts, written
+    to ``samples.jsonl`` with ``tag`` (``before``/``after``), for eyeballing what training changed."""
+
+    def samples(state, tag: str, step_no: int) -> list[dict]:
+        if not prompt_ids:
+            return []
+        texts = complete_prompt_ids(policy.graphdef, state.params, policy.tokenizer, prompt_ids,
+                                    max_new_tokens=max_new_tokens)
+        prompts = [policy.tokenizer.decode(p, skip_special_tokens=False) for p in prompt_ids]
+        out = [{"tag": tag, "prompt": p, "completion": c} for p, c in zip(prompts, texts)]
+        run.dir.write_samples(step_no, out)
+        return out
+
+    return samples
+
+
+def run_summary(run: Run, state: Any, **extra) -> dict:
+    """The summary every driver returns: first/last train loss, first/last eval metrics, run dir."""
+    metrics = run.dir.read_metrics()
+    train_losses = [m["loss"] for m in metrics if m["split"] == "train" and "loss" in m]
+    evals = [m for m in metrics if m["split"] == "eval"]
+    summary = {"run_dir": str(run.dir.path),
+               "train_loss_first": train_losses[0] if train_losses else None,
+               "train_loss_last": train_losses[-1] if train_losses else None,
+               "eval_before": evals[0] if evals else None, "eval_after": evals[-1] if evals else None,
+               "samples_before": [], "samples_after": [], "state": state}
+    summary.update(extra)
+    return summary

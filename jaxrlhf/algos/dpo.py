@@ -292,7 +292,8 @@ def train(cfg, resume: bool = False) -> dict:
     from jaxrlhf.data.iterator import BatchIterator
     from jaxrlhf.data.tokenize import pad_id_for
     from jaxrlhf.loop import Hooks, train_loop
-    from jaxrlhf.runner import check_lengths, complete_prompt_ids, init_or_restore, load_policy, start_run
+    from jaxrlhf.runner import (check_lengths, init_or_restore, load_policy, run_summary, sample_hook,
+                                start_run)
     from jaxrlhf.train_state import jit_step, make_optimizer, place_batch
 
     log = logging.getLogger("jaxrlhf")
@@ -354,17 +355,8 @@ def train(cfg, resume: bool = False) -> dict:
         outs, cat = map_batches(lambda b: eval_fn(st.params, b), eval_ex, eval_collate, micro, place)
         return eval_metrics(a, outs, cat)
 
-    sample_ids = [p[0] for p in eval_pairs[:cfg.train.num_samples]]
-
-    def samples(st, tag: str, step_no: int) -> list[dict]:
-        if not sample_ids:
-            return []
-        texts = complete_prompt_ids(policy.graphdef, st.params, policy.tokenizer, sample_ids,
-                                    max_new_tokens=cfg.train.max_new_tokens)
-        prompts = [policy.tokenizer.decode(p, skip_special_tokens=False) for p in sample_ids]
-        out = [{"tag": tag, "prompt": p, "completion": c} for p, c in zip(prompts, texts)]
-        run.dir.write_samples(step_no, out)
-        return out
+    samples = sample_hook(run, policy, [p[0] for p in eval_pairs[:cfg.train.num_samples]],
+                          cfg.train.max_new_tokens)
 
     start = int(jax.device_get(state.step))
     before = samples(state, "before", start) if start == 0 else []
@@ -383,10 +375,5 @@ def train(cfg, resume: bool = False) -> dict:
                        tokens_per_step=cfg.data.batch_size * 2 * cfg.data.max_length)
     run.checkpointer.close()
     run.dir.close()
-    metrics = run.dir.read_metrics()
-    train_losses = [m["loss"] for m in metrics if m["split"] == "train"]
-    evals = [m for m in metrics if m["split"] == "eval"]
-    return {"run_dir": str(run.dir.path), "train_loss_first": train_losses[0] if train_losses else None,
-            "train_loss_last": train_losses[-1] if train_losses else None,
-            "eval_before": eval_before or None, "eval_after": evals[-1] if evals else None,
-            "samples_before": before, "samples_after": after, "state": state}
+    return run_summary(run, state, eval_before=eval_before or None, samples_before=before,
+                       samples_after=after)

@@ -287,7 +287,7 @@ def train(cfg, resume: bool = False) -> dict:
     from jaxrlhf.loop import Hooks, train_loop
     from jaxrlhf.models.reward_model import (RewardModel, save_reward_model, split_reward_model, stats_of,
                                              with_stats)
-    from jaxrlhf.runner import check_lengths, init_or_restore, load_policy, start_run
+    from jaxrlhf.runner import check_lengths, init_or_restore, load_policy, run_summary, start_run
     from jaxrlhf.train_state import jit_step, make_optimizer, place_batch
 
     log = logging.getLogger("jaxrlhf")
@@ -352,11 +352,5 @@ def train(cfg, resume: bool = False) -> dict:
         export_dir = str(save_reward_model(model, run.dir.path / "reward_model", backbone.tokenizer))
         log.info("exported reward model to %s (load with jaxrlhf.models.reward_model.load_reward_model)", export_dir)
     run.dir.close()
-    metrics = run.dir.read_metrics()
-    train_losses = [m["loss"] for m in metrics if m["split"] == "train"]
-    evals = [m for m in metrics if m["split"] == "eval"]
-    return {"run_dir": str(run.dir.path), "train_loss_first": train_losses[0] if train_losses else None,
-            "train_loss_last": train_losses[-1] if train_losses else None,
-            "eval_before": evals[0] if evals else None, "eval_after": evals[-1] if evals else None,
-            "normalization": norm, "stats": stats_of(jax.device_get(state.extra)), "export_dir": export_dir,
-            "samples_before": [], "samples_after": [], "state": state}
+    return run_summary(run, state, normalization=norm, stats=stats_of(jax.device_get(state.extra)),
+                       export_dir=export_dir)

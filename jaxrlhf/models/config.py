@@ -1,8 +1,9 @@
 """Model configuration shared by every architecture family.
 
 One frozen dataclass describes a decoder (Llama family, GPT-2) or an encoder (BERT family). It is
-hashable, so it can live in a module's static graph definition. ``from_hf`` converters live in
-``jaxrlhf.models.hf`` next to each family's parameter-name map.
+hashable, so it can live in a module's static graph definition. The Hugging Face converters
+(``config_from_hf``, ``params_from_hf``, ...) live in each family's module (``llama.py``, ``gpt2.py``,
+``bert.py``) next to its parameter-name map; ``jaxrlhf.models.hf`` dispatches to them by ``model_type``.
 """
 
 from __future__ import annotations
