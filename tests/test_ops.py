@@ -1,5 +1,4 @@
 """Tests for jaxrlhf.ops against independent numpy / plain-Python re-derivations."""
-import functools
 import math
 
 import jax
@@ -9,30 +8,10 @@ import pytest
 
 from jaxrlhf import ops
 from jaxrlhf.ops import KL_ESTIMATORS
+from jit_cache import jit_cached
 
 
-def _jit(fn):
-    """``fn`` run under ``jax.jit`` (one compile instead of many eager op dispatches, for speed);
-    non-array positional arguments (strings, Python numbers, None) and keyword arguments are static."""
-
-    cache = {}
-
-    @functools.wraps(fn)
-    def wrapped(*args, **kwargs):
-        idx = tuple(i for i, a in enumerate(args) if isinstance(a, (np.ndarray, np.generic, jax.Array)))
-        static = tuple((i, a) for i, a in enumerate(args) if i not in idx)
-        key = (idx, static, tuple(sorted(kwargs.items())))
-        if key not in cache:
-
-            def inner(*arrays):
-                full = dict(static)
-                full.update(zip(idx, arrays))
-                return fn(*[full[i] for i in range(len(args))], **kwargs)
-
-            cache[key] = jax.jit(inner)
-        return cache[key](*[args[i] for i in idx])
-
-    return wrapped
+_jit = jit_cached
 
 
 entropy_from_logits = _jit(ops.entropy_from_logits)
