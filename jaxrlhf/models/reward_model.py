@@ -268,20 +268,21 @@ def load_reward_model(path: str | pathlib.Path, *, dtype: str = "float32") -> tu
 
 # ------------------------------------------------------------------------------------------ scoring
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "normalized"))
+def _score(graphdef, state, tokens, positions, segment_ids, normalized: bool):
+    m = nnx.merge(graphdef, state)
+    return (m.score if normalized else m.raw_reward)(tokens, positions, segment_ids)
+
+
 def make_scorer(model: RewardModel, normalized: bool = True):
     """A jitted ``fn(tokens, positions, segment_ids) -> float32 [...]`` of the model's (normalised) reward.
 
-    The parameters are closed over as arrays (not constants), so calling it again reuses the compilation
-    for the same input shapes.
+    One module-level jit keyed on the model's graph (static) and input shapes, with the parameters passed
+    as arrays: scorers made again for the same model (e.g. by every :func:`score_texts` call of a PPO run)
+    reuse the compilation instead of tracing anew.
     """
     graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def _score(state, tokens, positions, segment_ids):
-        m = nnx.merge(graphdef, state)
-        return (m.score if normalized else m.raw_reward)(tokens, positions, segment_ids)
-
-    return functools.partial(_score, state)
+    return functools.partial(_score, graphdef, state, normalized=normalized)
 
 
 def score_texts(model: RewardModel, tokenizer: Any, texts: Sequence[str], *, max_length: int = 256,
