@@ -26,7 +26,8 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_dpo import StepTimer, dequantized, make_batch, summarize  # noqa: E402
-from common import machine, print_table, smollm2_gguf, time_fn, write_results  # noqa: E402
+from common import (SMOLLM2_135M, add_peak_bound, machine, print_table, smollm2_gguf, step_flops, time_fn,  # noqa: E402
+                    write_results)
 
 
 def bench_jax(batch_np, warmup, repeats):
@@ -157,11 +158,13 @@ def main():
         r["speed_vs_jaxrlhf"] = result["jax"]["median_s"] / r["median_s"]
     result["jax_speedup"] = {k: result[k]["median_s"] / result["jax"]["median_s"] for k in ("torch", "trl") if k in result}
     result["loadavg_at_end"] = os.getloadavg()
+    peak_line = add_peak_bound(result, step_flops(2 * B, T, lm_head=False, **SMOLLM2_135M))
     print(f"\nReward-model step, SmolLM2-135M f32, {B} pairs x {T} tokens, {os.cpu_count()} CPUs, "
           f"load average {result['machine'].get('loadavg_at_start')} -> {result['loadavg_at_end']}")
     print_table(rows, ["impl", "median_s", "min_s", "max_s", "pairs_per_s", "speed_vs_jaxrlhf"])
     for k, v in result["jax_speedup"].items():
         print(f"jaxrlhf speed-up vs {k}: {v:.2f}x (median step time ratio)")
+    print(peak_line)
     print(f"written {write_results('reward' + ('_quick' if args.quick else ''), result)}")
 
 

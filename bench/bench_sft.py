@@ -18,17 +18,14 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (jax_matmul_peak_gflops, machine, print_table, smollm2_gguf, time_fn,  # noqa: E402
+from common import (jax_matmul_peak_gflops, machine, print_table, smollm2_gguf, step_flops, time_fn,  # noqa: E402
                     torch_matmul_peak_gflops, write_results)
 
 
 def train_flops(cfg, B: int, T: int) -> float:
-    """Forward+backward matmul FLOPs of one step (6·params·tokens + causal-agnostic attention)."""
-    L, D, H, K, d, F, V = (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                           cfg.intermediate_size, cfg.vocab_size)
-    matmul_params = L * (D * H * d + 2 * D * K * d + H * d * D + 3 * D * F) + D * V
-    attention = L * 4 * B * T * T * H * d  # QK^T and AV, forward
-    return 6 * matmul_params * B * T + 3 * attention
+    """Forward+backward matmul FLOPs of one step (:func:`common.step_flops` for ``cfg``'s shapes)."""
+    return step_flops(B, T, L=cfg.num_layers, D=cfg.hidden_size, H=cfg.num_heads, K=cfg.num_kv_heads,
+                      d=cfg.head_dim, F=cfg.intermediate_size, V=cfg.vocab_size)
 
 
 def bench_jax(B, T, warmup, repeats, tokens_np):

@@ -54,6 +54,43 @@ def jax_matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
+# SmolLM2-135M's shapes (layers, width, heads, kv heads, head dim, MLP width, vocabulary), for FLOP counts.
+SMOLLM2_135M = dict(L=30, D=576, H=9, K=3, d=64, F=1536, V=49152)
+
+
+def step_flops(B: int, T: int, *, L, D, H, K, d, F, V, backward: bool = True, lm_head: bool = True) -> float:
+    """Matmul FLOPs of one forward (+backward) over ``B`` sequences of ``T`` tokens.
+
+    ``2·params·tokens`` forward (``6·`` with the backward) plus causal-agnostic attention
+    (``QK^T`` and ``AV``: ``4·B·T²·H·d`` per layer forward); ``lm_head=False`` for a scalar-head model.
+    """
+    params = L * (D * H * d + 2 * D * K * d + H * d * D + 3 * D * F) + (D * V if lm_head else 0)
+    attention = L * 4 * B * T * T * H * d
+    mult = 3 if backward else 1
+    return mult * (2 * params * B * T + attention)
+
+
+def add_peak_bound(result: dict, flops: float) -> str:
+    """Store ``result["peak_bound"]`` and return a one-line summary.
+
+    Measures the f32 matmul peak now, and gives the time of ``flops`` at that peak, the fraction of it
+    jaxrlhf reaches, and the largest speed-up over each timed reference (``jax``/``torch``/``trl`` keys of
+    ``result``) that ANY implementation could show on this machine: ``reference_median_s / time_at_peak_s``.
+    """
+    peak = jax_matmul_peak_gflops()
+    at_peak = flops / (peak * 1e9)
+    medians = {k: result[k]["median_s"] for k in ("jax", "torch", "trl") if k in result}
+    pb = {"flops_per_step": flops, "matmul_peak_gflops": peak, "time_at_peak_s": at_peak,
+          "jax_fraction_of_peak": at_peak / medians["jax"],
+          "max_speedup_at_peak": {k: v / at_peak for k, v in medians.items()}}
+    result["peak_bound"] = pb
+    line = (f"{flops / 1e12:.2f} TFLOP/step; at the measured f32 matmul peak ({peak:.0f} GFLOP/s) a step takes "
+            f"{at_peak:.1f} s; jaxrlhf runs at {pb['jax_fraction_of_peak']:.0%} of it")
+    if "trl" in medians:
+        line += f"; no implementation can beat TRL by more than {pb['max_speedup_at_peak']['trl']:.2f}x here"
+    return line
+
+
 def torch_matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
     import torch
 
