@@ -17,10 +17,10 @@ def get_config(arg=None) -> ExperimentConfig:
     cfg = ExperimentConfig(
         name="dpo_hh_smollm2",
         model=smollm2_135m(),
-        optim=OptimConfig(lr=1e-5, warmup_steps=1, schedule="cosine", weight_decay=0.0, max_grad_norm=10.0),
+        optim=OptimConfig(lr=1e-5, warmup_steps=2, schedule="cosine", weight_decay=0.0, max_grad_norm=10.0),
         data=DataConfig(source=HH_RLHF_HARMLESS(), split="test", batch_size=8, max_length=128,
                         max_prompt_length=64, eval_size=312, seed=0),
-        train=TrainConfig(steps=10, log_every=1, eval_every=0, save_every=10, num_samples=2, max_new_tokens=32),
+        train=TrainConfig(steps=32, log_every=1, eval_every=0, save_every=32, num_samples=2, max_new_tokens=32),
         algo=DPOConfig(loss="dpo", beta=0.1, reference="model"),
     )
     if arg == "full":

@@ -38,7 +38,7 @@ from flax import nnx
 
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.hf import CheckpointTensors, require
-from jaxrlhf.models.layers import KVCache, activation, attend, layer_norm
+from jaxrlhf.models.layers import KVCache, activation, attend, dense, layer_norm
 from jaxrlhf.models.llama import DecoderOutput, _ones, _param, _zeros, prepare_inputs, run_blocks
 from jaxrlhf.sharding import constrain
 
@@ -76,19 +76,19 @@ def _block(cfg: ModelConfig, x_BTD, lp, mask_B1TS, kv, cache_index):
     """One pre-LayerNorm GPT-2 block; ``kv`` is this layer's (k, v) cache or None."""
     dt = cfg.compute_dtype
     h = layer_norm(x_BTD, lp["attn_norm"], lp["attn_norm_bias"], cfg.norm_eps)
-    q = jnp.einsum("btd,dhk->bthk", h, lp["q"].astype(dt)) + lp["q_bias"].astype(dt)
-    k = jnp.einsum("btd,dhk->bthk", h, lp["k"].astype(dt)) + lp["k_bias"].astype(dt)
-    v = jnp.einsum("btd,dhk->bthk", h, lp["v"].astype(dt)) + lp["v_bias"].astype(dt)
+    q = dense(h, lp["q"].astype(dt)) + lp["q_bias"].astype(dt)
+    k = dense(h, lp["k"].astype(dt)) + lp["k_bias"].astype(dt)
+    v = dense(h, lp["v"].astype(dt)) + lp["v_bias"].astype(dt)
     if kv is not None:
         k_cache, v_cache = kv
         k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
         v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
         kv = (k, v)
     o = attend(q, k.astype(dt), v.astype(dt), mask_B1TS, scale=cfg.head_dim ** -0.5)
-    x_BTD = x_BTD + jnp.einsum("bthk,hkd->btd", o, lp["o"].astype(dt)) + lp["o_bias"].astype(dt)
+    x_BTD = x_BTD + dense(o, lp["o"].astype(dt), in_axes=2) + lp["o_bias"].astype(dt)
     h = layer_norm(x_BTD, lp["mlp_norm"], lp["mlp_norm_bias"], cfg.norm_eps)
-    u = activation(cfg.hidden_act)(jnp.einsum("btd,df->btf", h, lp["up"].astype(dt)) + lp["up_bias"].astype(dt))
-    x_BTD = x_BTD + jnp.einsum("btf,fd->btd", u, lp["down"].astype(dt)) + lp["down_bias"].astype(dt)
+    u = activation(cfg.hidden_act)(dense(h, lp["up"].astype(dt)) + lp["up_bias"].astype(dt))
+    x_BTD = x_BTD + dense(u, lp["down"].astype(dt)) + lp["down_bias"].astype(dt)
     return constrain(x_BTD, ("batch", "length", "embed")), kv
 
 
@@ -143,13 +143,10 @@ class GPT2(nnx.Module):
         return DecoderOutput(logits, hidden, new_cache)
 
     def logits(self, hidden_BTD: Array) -> Array:
-        """LM head: ``hidden @ embed^T`` (tied) or ``hidden @ lm_head``."""
+        """LM head: ``hidden @ embed^T`` (tied) or ``hidden @ lm_head``, one 2-D matmul (``dense``)."""
         dt = self.cfg.compute_dtype
-        if self.cfg.tie_word_embeddings:
-            out = jnp.einsum("btd,vd->btv", hidden_BTD, self.embed[...].astype(dt))
-        else:
-            out = jnp.einsum("btd,dv->btv", hidden_BTD, self.lm_head[...].astype(dt))
-        return constrain(out, ("batch", "length", "vocab"))
+        w = self.embed[...].astype(dt).T if self.cfg.tie_word_embeddings else self.lm_head[...].astype(dt)
+        return constrain(dense(hidden_BTD, w), ("batch", "length", "vocab"))
 
 
 # ------------------------------------------------------------------------- Hugging Face conversion

@@ -18,6 +18,21 @@ from jaxrlhf.models.config import ModelConfig, RopeScaling
 Array = jax.Array
 
 
+def dense(x: Array, w: Array, in_axes: int = 1) -> Array:
+    """``x[..., i1..ik] @ w[i1..ik, o1..om] -> [..., o1..om]`` as ONE 2-D matmul on ``[rows, in]``.
+
+    ``w``'s first ``in_axes`` axes are contracted with ``x``'s last ``in_axes`` axes; the leading axes of
+    ``x`` (batch, time) are folded into rows and the weight's axes into ``[in, out]`` (free reshapes of
+    contiguous arrays). XLA:CPU runs this, and above all its weight gradient, as plain GEMMs; the
+    equivalent multi-axis einsums (``btd,dhk->bthk`` and their ``btd,bthk->dhk`` gradients) made the
+    SmolLM2-135M train step ~25% slower (17.5 s vs 12.9 s fwd+bwd at 8 x 256 on the 2-core CPU).
+    """
+    n_in = math.prod(w.shape[:in_axes])
+    lead = x.shape[: x.ndim - in_axes]
+    out = x.reshape(-1, n_in) @ w.reshape(n_in, -1)
+    return out.reshape(*lead, *w.shape[in_axes:])
+
+
 def rms_norm(x_BTD: Array, scale_D: Array, eps: float) -> Array:
     """RMSNorm (Zhang & Sennrich 2019): ``x / sqrt(mean(x^2) + eps) * scale``, computed in f32."""
     x = x_BTD.astype(jnp.float32)

@@ -28,7 +28,7 @@ from flax import nnx
 from jaxrlhf.models.config import ModelConfig, RopeScaling
 from jaxrlhf.models.hf import CheckpointTensors, require
 from jaxrlhf.models.layers import (KVCache, activation, apply_rope, attend, attention_mask, default_positions,
-                                   rms_norm, rope_frequencies)
+                                   dense, rms_norm, rope_frequencies)
 from jaxrlhf.sharding import constrain
 
 Array = jax.Array
@@ -79,24 +79,14 @@ class LlamaLayers(nnx.Module):
 def _block(cfg: ModelConfig, rope, x_BTD, lp, mask_B1TS, positions_BT, kv, cache_index):
     """One pre-norm block. ``lp`` holds this layer's arrays; ``kv`` is this layer's (k, v) cache or None.
 
-    The projections run as 2-D matmuls on ``[B*T, D]`` rows with the head axes folded into the weight
-    (``[D, H*d]``; a free reshape of the contiguous ``[D, H, d]`` parameter). XLA:CPU lowers these, and
-    above all their gradients, to plain GEMMs; the equivalent 3-D einsums (``btd,dhk->bthk`` and the
-    two-axis contraction ``btd,btf->df`` of their weight gradients) made the SmolLM2 train step ~20%
-    slower. The result is identical up to float summation order.
+    Projections go through :func:`~jaxrlhf.models.layers.dense` (2-D GEMMs; see there why).
     """
     dt = cfg.compute_dtype
     inv_freq, attn_factor = rope
-    B, T, D = x_BTD.shape
-    H, K, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-
-    def proj(h_ND, w, n_in):
-        return h_ND @ w.astype(dt).reshape(n_in, -1)
-
-    h = rms_norm(x_BTD, lp["attn_norm"], cfg.norm_eps).reshape(B * T, D)
-    q = proj(h, lp["q"], D).reshape(B, T, H, d)
-    k = proj(h, lp["k"], D).reshape(B, T, K, d)
-    v = proj(h, lp["v"], D).reshape(B, T, K, d)
+    h = rms_norm(x_BTD, lp["attn_norm"], cfg.norm_eps)
+    q = dense(h, lp["q"].astype(dt))
+    k = dense(h, lp["k"].astype(dt))
+    v = dense(h, lp["v"].astype(dt))
     if cfg.attention_bias:
         q, k, v = q + lp["q_bias"].astype(dt), k + lp["k_bias"].astype(dt), v + lp["v_bias"].astype(dt)
     q = apply_rope(q, positions_BT, inv_freq, attn_factor)
@@ -107,11 +97,11 @@ def _block(cfg: ModelConfig, rope, x_BTD, lp, mask_B1TS, positions_BT, kv, cache
         v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
         kv = (k, v)
     o = attend(q, k.astype(dt), v.astype(dt), mask_B1TS, scale=cfg.head_dim ** -0.5)
-    x_BTD = x_BTD + proj(o.reshape(B * T, H * d), lp["o"], H * d).reshape(B, T, D)
-    h = rms_norm(x_BTD, lp["mlp_norm"], cfg.norm_eps).reshape(B * T, D)
-    g = proj(h, lp["gate"], D)
-    u = proj(h, lp["up"], D)
-    x_BTD = x_BTD + proj(activation(cfg.hidden_act)(g) * u, lp["down"], g.shape[-1]).reshape(B, T, D)
+    x_BTD = x_BTD + dense(o, lp["o"].astype(dt), in_axes=2)
+    h = rms_norm(x_BTD, lp["mlp_norm"], cfg.norm_eps)
+    g = dense(h, lp["gate"].astype(dt))
+    u = dense(h, lp["up"].astype(dt))
+    x_BTD = x_BTD + dense(activation(cfg.hidden_act)(g) * u, lp["down"].astype(dt))
     return constrain(x_BTD, ("batch", "length", "embed")), kv
 
 
@@ -214,15 +204,10 @@ class Llama(nnx.Module):
         return DecoderOutput(logits, hidden, new_cache)
 
     def logits(self, hidden_BTD: Array) -> Array:
-        """LM head: ``hidden @ embed^T`` (tied) or ``hidden @ lm_head``, as one 2-D matmul (see ``_block``)."""
+        """LM head: ``hidden @ embed^T`` (tied) or ``hidden @ lm_head``, one 2-D matmul (``dense``)."""
         dt = self.cfg.compute_dtype
-        *lead, D = hidden_BTD.shape
-        h = hidden_BTD.reshape(-1, D)
-        if self.cfg.tie_word_embeddings:
-            out = h @ self.embed[...].astype(dt).T
-        else:
-            out = h @ self.lm_head[...].astype(dt)
-        return constrain(out.reshape(*lead, -1), ("batch", "length", "vocab"))
+        w = self.embed[...].astype(dt).T if self.cfg.tie_word_embeddings else self.lm_head[...].astype(dt)
+        return constrain(dense(hidden_BTD, w), ("batch", "length", "vocab"))
 
 
 # ------------------------------------------------------------------------- Hugging Face conversion
