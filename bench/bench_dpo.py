@@ -19,7 +19,6 @@ forward over ``2B`` sequences.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -27,8 +26,7 @@ import tempfile
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (SMOLLM2_135M, add_peak_bound, machine, print_table, smollm2_gguf, step_flops, time_fn,  # noqa: E402
-                    write_results)
+from common import SMOLLM2_135M, pair_step_benchmark, smollm2_gguf, step_flops, time_fn  # noqa: E402
 
 BETA = 0.1
 
@@ -184,52 +182,16 @@ def bench_trl(B, T, warmup, repeats):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--batch", type=int, default=8, help="preference pairs per step")
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="2 pairs x 64 tokens")
-    ap.add_argument("--skip", default="", help="comma list of: trl,torch")
-    args = ap.parse_args()
-    if args.quick:
-        args.batch, args.seq_len = 2, 64
-    B, T = args.batch, args.seq_len
-    skip = set(filter(None, args.skip.split(",")))
-    batch = make_batch(B, T, 49152)
-    result = {"benchmark": "dpo_step", "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised, f32)",
-              "pairs_per_step": B, "seq_len": T, "dtype": "float32", "warmup": args.warmup, "repeats": args.repeats,
-              "work_per_step": "policy fwd+bwd and reference fwd over 2B sequences of T tokens; AdamW; clip 1.0",
-              "machine": machine()}
-    rows = []
+    def flops(B, T):  # policy forward+backward and reference forward over 2B sequences
+        return step_flops(2 * B, T, **SMOLLM2_135M) + step_flops(2 * B, T, backward=False, **SMOLLM2_135M)
 
-    def add(name, key, stats):
-        result[key] = stats
-        rows.append({"impl": name, "median_s": stats["median_s"], "min_s": stats["min_s"], "max_s": stats["max_s"],
-                     "pairs_per_s": B / stats["median_s"]})
-        print(f"{name}: median {stats['median_s']:.3f} s/step over {stats['times_s']}", flush=True)
-
-    add("jaxrlhf dpo_step (jit)", "jax", bench_jax(batch, args.warmup, args.repeats))
-    if "torch" not in skip:
-        add("plain PyTorch loop", "torch", bench_torch(batch, args.warmup, args.repeats))
-    if "trl" not in skip:
-        stats, shape = bench_trl(B, T, args.warmup, args.repeats)
-        result["trl_input_ids_shape"] = shape
-        add("TRL 1.16 DPOTrainer", "trl", stats)
-    for r in rows:
-        r["speed_vs_jaxrlhf"] = result["jax"]["median_s"] / r["median_s"]
-    result["jax_speedup"] = {k: result[k]["median_s"] / result["jax"]["median_s"] for k in ("torch", "trl") if k in result}
-    result["loadavg_at_end"] = os.getloadavg()
-    # Policy forward+backward and reference forward over 2B sequences.
-    flops = step_flops(2 * B, T, **SMOLLM2_135M) + step_flops(2 * B, T, backward=False, **SMOLLM2_135M)
-    peak_line = add_peak_bound(result, flops)
-    print(f"\nDPO step, SmolLM2-135M f32, {B} pairs x {T} tokens (policy + frozen reference), {os.cpu_count()} CPUs, "
-          f"load average {result['machine'].get('loadavg_at_start')} -> {result['loadavg_at_end']}")
-    print_table(rows, ["impl", "median_s", "min_s", "max_s", "pairs_per_s", "speed_vs_jaxrlhf"])
-    for k, v in result["jax_speedup"].items():
-        print(f"jaxrlhf speed-up vs {k}: {v:.2f}x (median step time ratio)")
-    print(peak_line)
-    print(f"written {write_results('dpo' + ('_quick' if args.quick else ''), result)}")
+    pair_step_benchmark(
+        name="dpo", title="DPO step (policy + frozen reference)", trl_label="TRL 1.16 DPOTrainer", flops=flops,
+        meta={"benchmark": "dpo_step", "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised, f32)",
+              "work_per_step": "policy fwd+bwd and reference fwd over 2B sequences of T tokens; AdamW; clip 1.0"},
+        run_jax=lambda B, T, w, r: bench_jax(make_batch(B, T, 49152), w, r),
+        run_torch=lambda B, T, w, r: bench_torch(make_batch(B, T, 49152), w, r),
+        run_trl=bench_trl)
 
 
 if __name__ == "__main__":

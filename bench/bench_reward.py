@@ -18,7 +18,6 @@ sequences and reads the reward at the last token.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -26,8 +25,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_dpo import StepTimer, dequantized, make_batch, summarize  # noqa: E402
-from common import (SMOLLM2_135M, add_peak_bound, machine, print_table, smollm2_gguf, step_flops, time_fn,  # noqa: E402
-                    write_results)
+from common import SMOLLM2_135M, pair_step_benchmark, smollm2_gguf, step_flops, time_fn  # noqa: E402
 
 
 def bench_jax(batch_np, warmup, repeats):
@@ -122,50 +120,14 @@ def bench_trl(batch_np, warmup, repeats):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--batch", type=int, default=8, help="preference pairs per step")
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="2 pairs x 64 tokens")
-    ap.add_argument("--skip", default="", help="comma list of: trl,torch")
-    args = ap.parse_args()
-    if args.quick:
-        args.batch, args.seq_len = 2, 64
-    B, T = args.batch, args.seq_len
-    skip = set(filter(None, args.skip.split(",")))
-    batch = make_batch(B, T, 49152)
-    result = {"benchmark": "reward_step", "model": "SmolLM2-135M-Instruct backbone + scalar head (f32)",
-              "pairs_per_step": B, "seq_len": T, "dtype": "float32", "warmup": args.warmup, "repeats": args.repeats,
-              "work_per_step": "fwd+bwd over 2B sequences of T tokens, Bradley-Terry loss, AdamW, clip 1.0",
-              "machine": machine()}
-    rows = []
-
-    def add(name, key, stats):
-        result[key] = stats
-        rows.append({"impl": name, "median_s": stats["median_s"], "min_s": stats["min_s"], "max_s": stats["max_s"],
-                     "pairs_per_s": B / stats["median_s"]})
-        print(f"{name}: median {stats['median_s']:.3f} s/step over {stats['times_s']}", flush=True)
-
-    add("jaxrlhf reward_step (jit)", "jax", bench_jax(batch, args.warmup, args.repeats))
-    if "torch" not in skip:
-        add("plain PyTorch loop", "torch", bench_torch(batch, args.warmup, args.repeats))
-    if "trl" not in skip:
-        stats, shape = bench_trl(batch, args.warmup, args.repeats)
-        result["trl_input_ids_shape"] = shape
-        add("TRL 1.16 RewardTrainer", "trl", stats)
-    for r in rows:
-        r["speed_vs_jaxrlhf"] = result["jax"]["median_s"] / r["median_s"]
-    result["jax_speedup"] = {k: result[k]["median_s"] / result["jax"]["median_s"] for k in ("torch", "trl") if k in result}
-    result["loadavg_at_end"] = os.getloadavg()
-    peak_line = add_peak_bound(result, step_flops(2 * B, T, lm_head=False, **SMOLLM2_135M))
-    print(f"\nReward-model step, SmolLM2-135M f32, {B} pairs x {T} tokens, {os.cpu_count()} CPUs, "
-          f"load average {result['machine'].get('loadavg_at_start')} -> {result['loadavg_at_end']}")
-    print_table(rows, ["impl", "median_s", "min_s", "max_s", "pairs_per_s", "speed_vs_jaxrlhf"])
-    for k, v in result["jax_speedup"].items():
-        print(f"jaxrlhf speed-up vs {k}: {v:.2f}x (median step time ratio)")
-    print(peak_line)
-    print(f"written {write_results('reward' + ('_quick' if args.quick else ''), result)}")
+    pair_step_benchmark(
+        name="reward", title="Reward-model step", trl_label="TRL 1.16 RewardTrainer",
+        flops=lambda B, T: step_flops(2 * B, T, lm_head=False, **SMOLLM2_135M),
+        meta={"benchmark": "reward_step", "model": "SmolLM2-135M-Instruct backbone + scalar head (f32)",
+              "work_per_step": "fwd+bwd over 2B sequences of T tokens, Bradley-Terry loss, AdamW, clip 1.0"},
+        run_jax=lambda B, T, w, r: bench_jax(make_batch(B, T, 49152), w, r),
+        run_torch=lambda B, T, w, r: bench_torch(make_batch(B, T, 49152), w, r),
+        run_trl=lambda B, T, w, r: bench_trl(make_batch(B, T, 49152), w, r))
 
 
 if __name__ == "__main__":

@@ -138,3 +138,59 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return "" if v is None else str(v)
+
+
+def pair_step_benchmark(*, name: str, title: str, meta: dict, run_jax: Callable, run_torch: Callable,
+                        run_trl: Callable, trl_label: str, flops: Callable[[int, int], float]) -> dict:
+    """Command-line driver shared by the preference-pair step benchmarks (DPO, reward model).
+
+    Parses ``--batch/--seq-len/--warmup/--repeats/--quick/--skip``, times ``run_jax(B, T, warmup,
+    repeats)``, then ``run_torch`` and ``run_trl`` (the latter returns ``(stats, trl_input_ids_shape)``)
+    unless skipped, adds the matmul-peak bound for ``flops(B, T)``, prints the table and writes
+    ``results/<name>[_quick].json``. Returns the result dict.
+    """
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=8, help="preference pairs per step")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="2 pairs x 64 tokens")
+    ap.add_argument("--skip", default="", help="comma list of: trl,torch")
+    args = ap.parse_args()
+    if args.quick:
+        args.batch, args.seq_len = 2, 64
+    B, T, w, r = args.batch, args.seq_len, args.warmup, args.repeats
+    skip = set(filter(None, args.skip.split(",")))
+    result = {**meta, "pairs_per_step": B, "seq_len": T, "dtype": "float32", "warmup": w, "repeats": r,
+              "machine": machine()}
+    rows = []
+
+    def add(label, key, stats):
+        result[key] = stats
+        rows.append({"impl": label, "median_s": stats["median_s"], "min_s": stats["min_s"], "max_s": stats["max_s"],
+                     "pairs_per_s": B / stats["median_s"]})
+        print(f"{label}: median {stats['median_s']:.3f} s/step over {stats['times_s']}", flush=True)
+
+    add(f"jaxrlhf {name}_step (jit)", "jax", run_jax(B, T, w, r))
+    if "torch" not in skip:
+        add("plain PyTorch loop", "torch", run_torch(B, T, w, r))
+    if "trl" not in skip:
+        stats, shape = run_trl(B, T, w, r)
+        result["trl_input_ids_shape"] = shape
+        add(trl_label, "trl", stats)
+    for row in rows:
+        row["speed_vs_jaxrlhf"] = result["jax"]["median_s"] / row["median_s"]
+    result["jax_speedup"] = {k: result[k]["median_s"] / result["jax"]["median_s"] for k in ("torch", "trl") if k in result}
+    result["loadavg_at_end"] = os.getloadavg()
+    peak_line = add_peak_bound(result, flops(B, T))
+    print(f"\n{title}, SmolLM2-135M f32, {B} pairs x {T} tokens, {os.cpu_count()} CPUs, "
+          f"load average {result['machine'].get('loadavg_at_start')} -> {result['loadavg_at_end']}")
+    print_table(rows, ["impl", "median_s", "min_s", "max_s", "pairs_per_s", "speed_vs_jaxrlhf"])
+    for k, v in result["jax_speedup"].items():
+        print(f"jaxrlhf speed-up vs {k}: {v:.2f}x (median step time ratio)")
+    print(peak_line)
+    print(f"written {write_results(name + ('_quick' if args.quick else ''), result)}")
+    return result
+
