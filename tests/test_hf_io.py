@@ -427,3 +427,21 @@ def test_registry_loads_minilm_encoder_from_its_package():
         ref = ref_model(input_ids=torch.as_tensor(ids, dtype=torch.long),
                         attention_mask=torch.as_tensor(mask)).last_hidden_state.numpy()
     np.testing.assert_allclose(hidden[mask > 0], ref[mask > 0], atol=1e-4, rtol=0)
+
+
+def test_gguf_tokenizer_without_torch_fails_clearly_before_reading_weights(monkeypatch):
+    """transformers' GGUF tokenizer reader imports torch. Without torch, asking for the tokenizer of the
+    real SmolLM2 GGUF raises one ImportError naming the extra to install, before any tensor is read."""
+    from jaxrlhf.models import gguf as gguf_mod
+
+    path = _smol_dir() / SMOL_FILE
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(gguf_mod.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torch" else real_find_spec(name, *a))
+
+    def no_tensors(*a, **k):
+        raise AssertionError("weights were read before the missing-torch error")
+
+    monkeypatch.setattr(gguf_mod, "read_gguf_tensors", no_tensors)
+    with pytest.raises(ImportError, match=r"jaxrlhf\[gguf\]"):
+        gguf_mod.load_gguf(path)

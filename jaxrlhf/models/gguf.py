@@ -14,6 +14,8 @@ llama.cpp's NEOX RoPE and are stored unpermuted.
 
 from __future__ import annotations
 
+import importlib.util
+
 import os
 import pathlib
 from typing import Any
@@ -190,6 +192,8 @@ def load_gguf(path: PathLike, *, dtype: str = "float32", param_dtype: str = "flo
     Raises:
       FileNotFoundError: no such file.
       ValueError: unsupported architecture / metadata / tensor names, or wrongly shaped tensors.
+      ImportError: a tokenizer is asked for and torch is missing (transformers' GGUF reader needs it;
+        ``pip install 'jaxrlhf[gguf]'``), raised before the weights are read.
     """
     from gguf import GGUFReader
 
@@ -202,13 +206,18 @@ def load_gguf(path: PathLike, *, dtype: str = "float32", param_dtype: str = "flo
     reader = GGUFReader(str(path))
     meta = read_metadata(reader)
     names = {t.name for t in reader.tensors}
+    wants_tokenizer = load_tokenizer and "tokenizer.ggml.model" in meta
+    if wants_tokenizer and importlib.util.find_spec("torch") is None:  # checked before reading the weights
+        raise ImportError(f"reading the tokenizer of {path.name} needs torch (transformers' GGUF reader "
+                          "imports it): pip install 'jaxrlhf[gguf]' (or torch), or pass "
+                          "load_tokenizer=False and load a tokenizer from a Hugging Face folder")
     cfg = config_from_gguf(meta, names).replace(dtype=dtype, param_dtype=param_dtype)
     tensors = read_gguf_tensors(reader, cfg, meta["general.architecture"])
     params = llama.params_from_hf(tensors, cfg)
     del tensors, reader
     model = model_from_params(cfg, params)
     tokenizer = None
-    if load_tokenizer and "tokenizer.ggml.model" in meta:
+    if wants_tokenizer:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
