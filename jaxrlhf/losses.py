@@ -668,3 +668,122 @@ def ppo_value_loss(
         "value/returns_mean": masked_mean(returns, mask_BT),
     }
     return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------------
+# Plackett–Luce DPO: DPO on a whole K-way ranking (appended for the IMDb study, issue 10).
+# ----------------------------------------------------------------------------------------------------
+def plackett_luce_dpo_loss(
+    policy_logps_BN,
+    ref_logps_BN,
+    ranks_BN,
+    *,
+    beta: float = 0.1,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """DPO on K-way rankings under the Plackett–Luce model (Rafailov et al. 2023, Appendix A.3, eq. 18).
+
+    With implicit rewards ``r_i = β (log π(y_i|x) - log π_ref(y_i|x))`` and the observed ranking ``τ``
+    of the present completions of a prompt (best first, ``τ(1)`` best, ``K`` present completions), the
+    per-prompt loss is the negative log-likelihood of ``τ`` under Plackett–Luce::
+
+        L_b = -Σ_{k=1..K} log( exp(r_{τ(k)}) / Σ_{j=k..K} exp(r_{τ(j)}) )
+            =  Σ_{k=1..K} [ logsumexp_{j>=k} r_{τ(j)} - r_{τ(k)} ]
+
+    (the ``k = K`` term is 0). The loss is the mean of ``L_b`` over prompts with at least two present
+    completions (others contribute nothing and are not counted; 0 if no prompt qualifies). For ``K = 2``
+    it is exactly :func:`dpo_loss` (``-log σ(r_c - r_r)``).
+
+    Ranks: ``0`` = best, larger = worse, ``-1`` = missing completion (excluded; its log-probs may hold
+    anything, even nan, and get zero gradient). Ranks need not be contiguous. **Ties are broken by
+    index**: completions with equal rank are ordered by their position on the ``N`` axis (lower index
+    first), i.e. ``τ`` sorts by ``(rank, index)``. Plackett–Luce has no tie model, so pass strict ranks
+    when ties are meaningful (rankings from continuous reward scores are strict almost surely).
+
+    Args:
+      policy_logps_BN: float ``[B, N]`` summed log-probs of the ``N`` completions under the policy.
+      ref_logps_BN: float ``[B, N]`` the same under the frozen reference.
+      ranks_BN: int ``[B, N]`` ranks, 0 = best, -1 = missing (ties broken by index, see above).
+      beta: ``β > 0``, inverse KL-regularisation strength (a Python number or a traced scalar).
+
+    Returns:
+      ``(loss, metrics)``; metrics: ``loss``; ``rewards/chosen``, ``rewards/rejected`` (mean implicit
+      reward of the best / worst completion, i.e. first / last in ``τ``); ``logps/chosen``,
+      ``logps/rejected`` (their policy log-probs); ``rewards/accuracy`` and ``rewards/margin`` (over
+      strictly ordered pairs ``rank_i < rank_j`` of present completions: fraction with ``r_i > r_j`` and
+      mean ``r_i - r_j``, each prompt weighing once as in :func:`ranking_loss`); ``rewards/num_ranked``
+      (mean present completions per prompt); ``rewards/prompts_ranked`` (fraction of prompts with >= 2).
+      All means over prompts are over the prompts with >= 2 present completions. With ``N = 2`` and
+      ranks ``[0, 1]`` the metrics equal those of :func:`dpo_loss`.
+
+    Raises:
+      ValueError: shapes differ or are not ``[B, N]``; ranks are not integers; ``beta <= 0``.
+    """
+    shape = _check_same_shape(policy_logps_BN=policy_logps_BN, ref_logps_BN=ref_logps_BN, ranks_BN=ranks_BN)
+    if len(shape) != 2:
+        raise ValueError(f"`policy_logps_BN`, `ref_logps_BN`, `ranks_BN` must have shape [B, N], got {list(shape)}.")
+    if not jnp.issubdtype(jnp.asarray(ranks_BN).dtype, jnp.integer):
+        raise ValueError(f"`ranks_BN` must be integers (0 = best, -1 = missing), got {jnp.asarray(ranks_BN).dtype}.")
+    _require_positive("beta", beta)
+    n = shape[1]
+    ranks = jnp.asarray(ranks_BN)
+    present = ranks >= 0
+    policy = _as_float(policy_logps_BN)
+    policy_safe = jnp.where(present, policy, 0.0)  # keeps nan of missing completions out of values and grads
+    ratio = jnp.where(present, policy - _as_float(ref_logps_BN), 0.0)
+    rewards = beta * ratio  # [B, N]
+
+    # later[b, i, j]: completion j comes at or after completion i in τ (sorted by (rank, index)), both present.
+    idx = jnp.arange(n)
+    rank_i, rank_j = ranks[:, :, None], ranks[:, None, :]
+    at_or_after = (rank_j > rank_i) | ((rank_j == rank_i) & (idx[None, :] >= idx[:, None]))
+    both = present[:, :, None] & present[:, None, :]
+    later = at_or_after & both
+    # The diagonal keeps every row's logsumexp finite (a missing i then sees only its own reward 0).
+    in_set = later | jnp.eye(n, dtype=bool)
+    lse = jax.nn.logsumexp(jnp.where(in_set, rewards[:, None, :], -jnp.inf), axis=-1)  # [B, N]
+    per_prompt = jnp.sum(jnp.where(present, lse - rewards, 0.0), axis=-1)  # [B]
+
+    dtype = rewards.dtype
+    n_present = jnp.sum(present.astype(dtype), axis=-1)
+    ranked = n_present >= 2
+    n_ranked = jnp.sum(ranked.astype(dtype))
+
+    def over_prompts(x_B):
+        return _safe_div(jnp.sum(jnp.where(ranked, x_B, 0.0)), n_ranked)
+
+    loss = over_prompts(per_prompt)
+
+    sg_rewards = jax.lax.stop_gradient(rewards)
+    sg_policy = jax.lax.stop_gradient(policy_safe)
+    n_later = jnp.sum(later.astype(dtype), axis=-1)  # [B, N]
+    first = present & (n_later == n_present[:, None])  # every present completion is at/after it
+    last = present & (n_later == 1)  # only itself is at/after it
+
+    def pick(mask_BN, x_BN):
+        return over_prompts(jnp.sum(jnp.where(mask_BN, x_BN, 0.0), axis=-1))
+
+    pair = (rank_i < rank_j) & both  # strictly ordered pairs, i better
+    pair_f = pair.astype(dtype)
+    n_pairs = jnp.sum(pair_f, axis=(1, 2))
+    has_pairs = n_pairs > 0
+    diff = sg_rewards[:, :, None] - sg_rewards[:, None, :]
+
+    def pair_weighted(per_pair):
+        per_prompt_pairs = _safe_div(jnp.sum(jnp.where(pair, per_pair, 0.0), axis=(1, 2)), n_pairs)
+        return _safe_div(jnp.sum(jnp.where(has_pairs, per_prompt_pairs, 0.0)), jnp.sum(has_pairs.astype(dtype)))
+
+    metrics = {
+        "loss": loss,
+        "rewards/chosen": pick(first, sg_rewards),
+        "rewards/rejected": pick(last, sg_rewards),
+        "rewards/accuracy": pair_weighted((diff > 0).astype(dtype)),
+        "rewards/margin": pair_weighted(diff),
+        "logps/chosen": pick(first, sg_policy),
+        "logps/rejected": pick(last, sg_policy),
+        "rewards/num_ranked": jnp.mean(n_present),
+        "rewards/prompts_ranked": jnp.mean(ranked.astype(dtype)),
+    }
+    return loss, metrics
+
+
+__all__.append("plackett_luce_dpo_loss")
