@@ -21,9 +21,9 @@ Folder layout (``study_dir = <root>/<study name>``)::
                                                "error_type", "error", "traceback" (failed)}
     study_dir/arms/<arm>/{config.json, metrics.jsonl, samples.jsonl, tb/, checkpoints/}
                                               written by the arm's own run (jaxrlhf.loop.RunDir)
-    study_dir/stale/<arm or stage>-<old hash[:8]>/
-                                              a folder moved aside because its config changed (or a
-                                              failed arm left no checkpoint): never deleted
+    study_dir/stale/<arm or stage>-<old hash[:8]>-<time>/
+                                              a folder moved aside before a fresh run (config changed,
+                                              or a failed arm left no checkpoint): never deleted
 
 How an arm's run folder is chosen: the runner owns ``study_dir/arms/<arm name>``. ``Arm.make_config``
 receives the stage outputs plus the key ``"_arm_dir"`` (that folder, a str) and ``"_study_dir"``; the config
@@ -144,8 +144,8 @@ def expand_grid(method: str, base_hparams: dict, sweep: dict[str, list], seeds: 
     ``seeds[0]`` first, so a study stopped early has each setting at one seed).
 
     Names read ``<method>-<key><value>...-s<seed>`` over the swept keys only (``dpo-beta0.1-s0``); each
-    arm's hparams are ``{**base_hparams, **combination}``. Raises ValueError on an empty sweep list, no
-    seeds, or a swept key that repeats a base key with a clash of meaning (allowed: it overrides).
+    arm's hparams are ``{**base_hparams, **combination}`` (a swept key overrides a base key). Raises
+    ValueError when ``seeds`` or a sweep list is empty.
     """
     if not seeds:
         raise ValueError(f"expand_grid({method!r}): seeds is empty; pass e.g. seeds=[0, 1]")
@@ -176,8 +176,8 @@ def _sha(obj: Any) -> str:
 
 
 def _jsonable(obj: Any) -> Any:
-    """JSON-able parts of ``obj`` (numpy/jax scalars and small arrays converted; others dropped -> None
-    marker removed from containers)."""
+    """The JSON-able parts of ``obj``: numpy/jax scalars and small arrays become lists/numbers; anything
+    else (a train state, a model) is dropped from its container."""
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     if isinstance(obj, dict):
@@ -221,18 +221,14 @@ class CompilationCounter:
     """
 
     def __init__(self):
-        self.backend_compiles = 0
-        self.cache_hits = 0
-        self.compile_secs = 0.0
+        self.backend_compiles, self.cache_hits, self.compile_secs = 0, 0, 0.0
 
     def _on_duration(self, event: str, duration_secs: float, **kwargs) -> None:
         if event == BACKEND_COMPILE_EVENT:
-            self.backend_compiles += 1
-            self.compile_secs += float(duration_secs)
+            self.backend_compiles, self.compile_secs = self.backend_compiles + 1, self.compile_secs + duration_secs
 
     def _on_event(self, event: str, **kwargs) -> None:
-        if event == CACHE_HIT_EVENT:
-            self.cache_hits += 1
+        self.cache_hits += event == CACHE_HIT_EVENT
 
     @property
     def compilations(self) -> int:
@@ -250,7 +246,7 @@ class CompilationCounter:
         return self
 
     def __exit__(self, *exc) -> None:
-        from jax._src import monitoring  # the unregister functions are not re-exported in jax.monitoring
+        from jax import monitoring
 
         monitoring.unregister_event_duration_listener(self._on_duration)
         monitoring.unregister_event_listener(self._on_event)
@@ -319,13 +315,11 @@ def _stage_hashes(study: Study) -> dict[str, str]:
 
 
 def _move_stale(folder: pathlib.Path, study_dir: pathlib.Path, old_hash: str | None) -> None:
-    """Move a non-empty ``folder`` to ``study_dir/stale/<name>-<hash8>`` (a fresh run needs it empty)."""
+    """Move a non-empty ``folder`` to ``study_dir/stale/<name>-<hash8>-<time>`` (a fresh run needs it
+    empty; nothing is deleted)."""
     if folder.exists() and any(folder.iterdir()):
-        dest = study_dir / "stale" / f"{folder.name}-{(old_hash or 'nohash')[:8]}"
-        i = 1
-        while dest.exists():
-            dest = dest.with_name(f"{folder.name}-{(old_hash or 'nohash')[:8]}.{i}")
-            i += 1
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        dest = study_dir / "stale" / f"{folder.name}-{(old_hash or 'nohash')[:8]}-{stamp}"
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(folder), str(dest))
         log.info("moved %s aside to %s", folder, dest)
@@ -356,12 +350,9 @@ def select_arms(arms: Sequence[Arm], only: Sequence[str] | None) -> list[Arm]:
     return [a for a in arms if any(fnmatch.fnmatchcase(a.name, p) for p in only)]
 
 
-def _arm_outputs(study_dir: pathlib.Path, arm: Arm, outputs: dict[str, dict]) -> dict[str, Any]:
-    return {**outputs, "_arm_dir": str(study_dir / "arms" / arm.name), "_study_dir": str(study_dir)}
-
-
 def _arm_config(study_dir, arm, outputs, hashes, to_dict) -> tuple[Any, dict, str]:
-    cfg = arm.make_config(_arm_outputs(study_dir, arm, outputs))
+    """``(config, to_dict(config), arm hash)``; make_config sees the stage outputs + ``_arm_dir``."""
+    cfg = arm.make_config({**outputs, "_arm_dir": str(study_dir / "arms" / arm.name), "_study_dir": str(study_dir)})
     cfg_dict = to_dict(cfg)
     return cfg, cfg_dict, _sha({"config": cfg_dict, "stages": hashes})
 
@@ -413,6 +404,7 @@ def run_study(study: Study, *, run_arm: Callable[[Any, bool], dict], only: Seque
       KeyboardInterrupt propagates (the arm stays ``running`` and is resumed next time).
     Raises:
       ValueError: a malformed study (see ``_check_study``) or an ``only`` pattern matching no arm.
+      Whatever a stage raises: a stage failure stops the study (the arms need its outputs).
     """
     _check_study(study)
     study_dir = study.dir
@@ -534,13 +526,9 @@ def study_record(study: Study, hashes: dict[str, str], configs: dict[str, tuple]
                        for s in study.stages],
             "arms": [{"name": a.name, "method": a.method, "seed": a.seed, "hparams": _jsonable(a.hparams),
                       "group": a.group_label, "cost": a.cost, "dir": f"arms/{a.name}",
-                      **_config_fields(configs[a.name])} for a in study.arms]}
-
-
-def _config_fields(config: tuple | Exception) -> dict:
-    if isinstance(config, Exception):
-        return {"config_hash": None, "config": None, "config_error": f"{type(config).__name__}: {config}"}
-    return {"config_hash": config[2], "config": config[1]}
+                      **({"config_hash": None, "config": None, "config_error": f"{type(c).__name__}: {c}"}
+                         if isinstance(c := configs[a.name], Exception)
+                         else {"config_hash": c[2], "config": c[1]})} for a in study.arms]}
 
 
 def study_main(argv: Sequence[str], load_study: Callable[[str, str | None], Study],
@@ -579,7 +567,7 @@ def study_main(argv: Sequence[str], load_study: Callable[[str, str | None], Stud
         return 0
     path = write_report(result.study_dir)
     for name in result.failed:
-        st = result.statuses[name]
-        print(f"arm {name} FAILED: {st['error_type']}: {st['error']}", file=sys.stderr)
+        print(f"arm {name} FAILED: {result.statuses[name]['error_type']}: {result.statuses[name]['error']}",
+              file=sys.stderr)
     print(f"report written to {path}")
     return 1 if result.failed else 0
