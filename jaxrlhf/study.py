@@ -28,7 +28,7 @@ Folder layout (``study_dir = <root>/<study name>``)::
 How an arm's run folder is chosen: the runner owns ``study_dir/arms/<arm name>``. ``Arm.make_config``
 receives the stage outputs plus the key ``"_arm_dir"`` (that folder, a str) and ``"_study_dir"``; the config
 it returns must make the run write there -- with :class:`jaxrlhf.config.ExperimentConfig` that is
-``train.run_dir = str(Path(o["_arm_dir"]).parent)`` and ``name = Path(o["_arm_dir"]).name``. When
+``train.run_dir, name = arm_run_dir(outputs)`` (the parent folder and the arm name). When
 ``run_arm`` returns a summary whose ``"run_dir"`` resolves elsewhere, the arm is recorded as failed.
 
 Hashes: a stage's hash is sha256 of ``{"config": config, "deps": {dep: dep hash}}`` (sorted JSON), so a
@@ -162,6 +162,14 @@ def expand_grid(method: str, base_hparams: dict, sweep: dict[str, list], seeds: 
             arms.append(Arm(name=f"{group}-s{seed}", method=method, seed=int(seed), hparams=hp,
                             make_config=make_config_for(hp, int(seed)), cost=cost, group=group))
     return arms
+
+
+def arm_run_dir(outputs: dict[str, Any]) -> tuple[str, str]:
+    """``(train.run_dir, name)`` that make the run of the arm whose ``make_config`` got ``outputs`` land
+    in the folder the runner chose: ``dataclasses.replace(cfg, name=name, train=replace(cfg.train,
+    run_dir=run_dir))`` for :class:`jaxrlhf.config.ExperimentConfig` (RunDir writes ``run_dir/name``)."""
+    arm_dir = pathlib.Path(outputs["_arm_dir"])
+    return str(arm_dir.parent), arm_dir.name
 
 
 def default_to_dict(config: Any) -> dict:

@@ -51,7 +51,8 @@ def fake_config_for(method: str, fail: bool = False):
 
     def make_config_for(hparams: dict, seed: int):
         def make_config(outputs: dict) -> dict:
-            return {"method": method, "hparams": hparams, "seed": seed, "run_dir": outputs["_arm_dir"],
+            parent, name = S.arm_run_dir(outputs)  # as a real ExperimentConfig's train.run_dir and name
+            return {"method": method, "hparams": hparams, "seed": seed, "run_dir": str(pathlib.Path(parent, name)),
                     "ref": outputs["sft"]["model"], "fail": fail and seed == 1}
         return make_config
     return make_config_for
