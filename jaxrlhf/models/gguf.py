@@ -15,14 +15,15 @@ llama.cpp's NEOX RoPE and are stored unpermuted.
 from __future__ import annotations
 
 import importlib.util
-
 import os
 import pathlib
 from typing import Any
 
 import numpy as np
 
+from jaxrlhf.models import llama
 from jaxrlhf.models.config import ModelConfig, RopeScaling
+from jaxrlhf.models.hf import model_from_params
 
 PathLike = str | os.PathLike
 
@@ -196,9 +197,6 @@ def load_gguf(path: PathLike, *, dtype: str = "float32", param_dtype: str = "flo
         ``pip install 'jaxrlhf[gguf]'``), raised before the weights are read.
     """
     from gguf import GGUFReader
-
-    from jaxrlhf.models import llama
-    from jaxrlhf.models.hf import model_from_params
 
     path = pathlib.Path(path)
     if not path.is_file():
