@@ -77,12 +77,6 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """llama.cpp's q/k row permutation (the inverse of :func:`unpermute_qk`), for writing GGUF files."""
-    rows = w.shape[0]
-    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def read_metadata(reader) -> dict[str, Any]:
     """Scalar and string GGUF metadata (arrays such as the vocabulary are skipped; their length is
     reported under ``<key>.__len__``)."""

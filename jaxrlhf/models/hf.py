@@ -132,9 +132,9 @@ def load_hf_folder(path: PathLike, *, dtype: str = "float32", allow_pickle: bool
                    param_dtype: str = "float32") -> tuple[nnx.Module, ModelConfig]:
     """Load a Hugging Face checkpoint folder into our NNX module.
 
-    Reads ``config.json`` and the weights (see :func:`read_hf_tensors`), dispatches on ``model_type``
-    (``llama``/``qwen2``/``mistral`` -> ``Llama``, ``gpt2`` -> ``GPT2``, ``bert``/``roberta``/``distilbert``
-    -> ``bert.Encoder``), converts names and layouts, checks every shape before any compute and
+    Reads ``config.json`` and the weights (:func:`jaxrlhf.models.tensors.read_hf_tensors`), dispatches on
+    ``model_type`` (``llama``/``qwen2``/``mistral`` -> ``Llama``, ``gpt2`` -> ``GPT2``,
+    ``bert``/``roberta``/``distilbert`` -> ``bert.Encoder``), converts names and layouts, checks every shape before any compute and
     builds the module without random initialisation. ``*ForCausalLM`` / base-model checkpoints both
     load (the ``model.`` / ``transformer.`` prefixes are stripped by the family converter). An encoder
     whose ``config.json`` names no classifier but whose weights hold one keeps it

@@ -198,10 +198,6 @@ class CheckpointTensors:
         self._used.add(key)
         return arr.astype(dtype, copy=False)
 
-    def skip(self, key: str) -> None:
-        """Mark ``key`` as consumed without reading it (e.g. a tied ``lm_head.weight``)."""
-        self._used.add(key)
-
     def stack(self, template: str, num_layers: int, shape: tuple[int, ...], dtype: Any = np.float32,
               transform=None) -> np.ndarray | None:
         """Stack ``template.format(i)`` for ``i < num_layers`` on a new leading axis, each checked for
