@@ -340,7 +340,7 @@ class ClassifierReward:
         @jax.jit
         def _scores(state, tokens_BT, segment_ids_BT):
             m = nnx.merge(graphdef, state)
-            return classifier_scores(m(tokens_BT, segment_ids_BT).logits_BC, self.label, self.output)
+            return classifier_scores(m(tokens_BT, segment_ids_BT=segment_ids_BT).logits_BC, self.label, self.output)
 
         self._scores = _scores
 

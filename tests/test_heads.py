@@ -9,6 +9,7 @@ from flax import nnx
 from jaxrlhf.models import bert
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.heads import ScalarHead, gather_last, last_token_index, sequence_reward
+from jaxrlhf.models.hf import model_from_params
 
 
 def _last_index_loop(seg: np.ndarray) -> np.ndarray:
@@ -99,12 +100,12 @@ def test_reward_model_invariant_to_extra_padding():
     shapes = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: bert.Encoder(cfg, rngs=nnx.Rngs(0)))))
     rng = np.random.default_rng(4)
     params = jax.tree.map(lambda s: rng.normal(scale=0.2, size=s.shape).astype(np.float32), shapes)
-    encoder = bert.build_encoder(cfg, params)
+    encoder = model_from_params(cfg, params)
     head = ScalarHead(cfg.hidden_size, rngs=nnx.Rngs(5))
 
     @nnx.jit
     def reward(encoder, head, tokens, seg):
-        return sequence_reward(head(encoder(tokens, seg).hidden_BTD), seg)
+        return sequence_reward(head(encoder(tokens, segment_ids_BT=seg).hidden_BTD), seg)
 
     lengths = [6, 2, 4]
     tokens = np.full((3, 6), 1, np.int32)

@@ -24,7 +24,7 @@ from flax import nnx
 from jaxrlhf.models import (Llama, ModelConfig, ModelUnavailableError, load_gguf, load_hf_folder,
                             load_pretrained, model_from_params, save_hf_folder)
 from jaxrlhf.models import hub
-from jaxrlhf.models.hf import read_safetensors, write_safetensors
+from jaxrlhf.models.tensors import read_safetensors, write_safetensors
 
 transformers = pytest.importorskip("transformers")
 
@@ -182,7 +182,10 @@ def test_smollm2_logits_match_transformers_with_padding(smol, smol_reference):
 # ------------------------------------------------------------------------------ safetensors folders
 
 def test_safetensors_reader_and_writer_agree_with_library(tmp_path):
+    import ml_dtypes
     from safetensors.numpy import load_file, save_file
+    from safetensors.torch import load_file as torch_load_file
+    from safetensors.torch import save_file as torch_save_file
 
     rng = np.random.default_rng(0)
     tensors = {"a": rng.standard_normal((3, 4)).astype(np.float32), "b": np.arange(5, dtype=np.int64),
@@ -195,6 +198,18 @@ def test_safetensors_reader_and_writer_agree_with_library(tmp_path):
         np.testing.assert_array_equal(ours[k], v)
         np.testing.assert_array_equal(theirs[k], v)
         assert ours[k].dtype == theirs[k].dtype == v.dtype
+    # bfloat16 both ways against torch (numpy has no bfloat16: ml_dtypes), big-endian input made little-endian
+    t = torch.randn(4, 3).to(torch.bfloat16)
+    torch_save_file({"w": t}, tmp_path / "torch.safetensors", metadata={"format": "pt"})
+    w = read_safetensors(tmp_path / "torch.safetensors")["w"]
+    assert w.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(w.astype(np.float32), t.float().numpy())
+    write_safetensors({"w": w, "x": np.arange(3, dtype=">i4")}, tmp_path / "back.safetensors")
+    back = torch_load_file(tmp_path / "back.safetensors")
+    assert back["w"].dtype == torch.bfloat16 and torch.equal(back["w"], t)
+    assert back["x"].tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="'z'"):
+        write_safetensors({"z": np.zeros(2, np.complex128)}, tmp_path / "bad.safetensors")
 
 
 def test_sharded_safetensors_index(tmp_path):

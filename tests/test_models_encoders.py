@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
-from jaxrlhf.models import bert
+from jaxrlhf.models import bert, load_hf_folder
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -68,7 +68,7 @@ FAMILIES = [("bert", 3), ("roberta", 2), ("distilbert", 3)]
 
 @nnx.jit
 def _fwd(model, tokens, segment_ids=None, token_types=None):
-    return model(tokens, segment_ids, token_types)
+    return model(tokens, None, segment_ids, token_type_ids_BT=token_types)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def saved(tmp_path_factory):
         m.config.id2label = {i: f"{family}_class_{i}" for i in range(n)}
         m.config.label2id = {v: k for k, v in m.config.id2label.items()}
         m.save_pretrained(path, safe_serialization=True)
-        out[family] = (m, path, bert.load_encoder_folder(path))
+        out[family] = (m, path, load_hf_folder(path)[0])
     return out
 
 
@@ -133,7 +133,7 @@ def test_minilm_mean_pooled_embeddings_match_transformers():
     tt = np.array([e.type_ids for e in enc], np.int64)
     assert len(set(mask.sum(1))) > 1, "the batch must contain padding"
 
-    model = bert.load_encoder_folder(folder)
+    model, _ = load_hf_folder(folder)
     assert model.cfg.family == "bert" and model.cfg.num_labels == 0 and model.cfg.num_layers == 6
     out = _fwd(model, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32), jnp.asarray(tt, jnp.int32))
     assert out.pooled_BD is None and out.logits_BC is None
@@ -303,3 +303,47 @@ def test_mean_pool_and_l2_normalize_against_numpy():
     n = np.asarray(bert.l2_normalize(jnp.asarray(got)))
     np.testing.assert_allclose(n[:2], got[:2] / np.linalg.norm(got[:2], axis=-1, keepdims=True), rtol=1e-6)
     assert np.all(n[2] == 0)
+
+
+# ------------------------------------------------------------------------- one call for every model
+
+@pytest.mark.parametrize("family,num_labels", FAMILIES)
+def test_batch_positions_give_the_family_positions(saved, family, num_labels):
+    """Encoders take decoders' positions (0 at each row's first real token): with the batch positions of a
+    right-padded batch every family reproduces transformers (RoBERTa adds its pad+1 offset itself)."""
+    m, _, model = saved[family]
+    ids, seg, tt = _padded_batch(family, m.config.pad_token_id)
+    pos = np.where(seg != 0, np.cumsum(seg, axis=1) - 1, 0).astype(np.int32)  # CONVENTIONS.md batch positions
+    logits_ref, hidden_ref = _hf_run(m, ids, seg, tt, family)
+    out = nnx.jit(lambda mod, t, p, s, y: mod(t, p, s, token_type_ids_BT=y))(
+        model, jnp.asarray(ids, jnp.int32), jnp.asarray(pos), jnp.asarray(seg), jnp.asarray(tt, jnp.int32))
+    np.testing.assert_allclose(np.asarray(out.logits_BC), logits_ref, atol=1e-4, rtol=0)
+    assert np.abs(np.asarray(out.hidden_BTD) - hidden_ref)[seg.astype(bool)].max() <= 1e-4
+    with pytest.raises(ValueError, match="cache"):
+        model(jnp.asarray(ids, jnp.int32), None, None, cache=object())
+
+
+def test_roberta_batch_positions_equal_its_own_on_left_padding(saved):
+    _, _, model = saved["roberta"]
+    ids, seg, _ = _padded_batch("roberta", 1, left=True)
+    pos = np.where(seg != 0, np.cumsum(seg, axis=1) - 1, 0).astype(np.int32)
+    a = _fwd(model, jnp.asarray(ids, jnp.int32), jnp.asarray(seg))
+    b = model(jnp.asarray(ids, jnp.int32), jnp.asarray(pos), jnp.asarray(seg))
+    np.testing.assert_allclose(np.asarray(b.logits_BC), np.asarray(a.logits_BC), atol=1e-6)
+
+
+def test_classifier_weights_kept_when_config_names_no_classifier(saved, tmp_path):
+    """A folder whose config.json lists a bare ``BertModel`` but whose weights hold a classifier loads
+    with the head (num_labels from the weight, labels from id2label) and transformers' logits."""
+    import shutil
+
+    m, path, _ = saved["bert"]
+    folder = tmp_path / "bare_config"
+    shutil.copytree(path, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "architectures": ["BertModel"]}))
+    model, mcfg = load_hf_folder(folder)
+    assert mcfg.num_labels == 3 and mcfg.labels == tuple(f"bert_class_{i}" for i in range(3))
+    ids, seg, tt = _padded_batch("bert", 0)
+    out = _fwd(model, jnp.asarray(ids, jnp.int32), jnp.asarray(seg), jnp.asarray(tt, jnp.int32))
+    np.testing.assert_allclose(np.asarray(out.logits_BC), _hf_run(m, ids, seg, tt, "bert")[0], atol=1e-4, rtol=0)

@@ -15,8 +15,13 @@ distilbert    ``0 .. T-1``                no                   pre_classifier + 
 
 All three heads are ``dense(D->D) -> act -> dense(D->C)`` on the first real token, so they share one
 parameter layout (``head/dense``, ``head/out``). Layer parameters are stacked along a leading ``layers``
-axis and the blocks run under one ``jax.lax.scan`` (:func:`jaxrlhf.models.llama.run_blocks`). There is
+axis and the blocks run under one ``jax.lax.scan`` (:func:`jaxrlhf.models.layers.run_blocks`). There is
 no dropout (inference and reward-model fine-tuning both run without it here).
+
+The encoder is called like the decoders, ``model(tokens_BT, positions_BT, segment_ids_BT, cache=None)``
+(``cache`` must stay None), with the encoder-only ``token_type_ids_BT`` keyword-only after them; positions
+mean the same as for decoders (0 at each sequence's first real token) and RoBERTa adds its fairseq offset
+itself, so a reward model calls every backbone the same way.
 
 Parameter tree (logical axes in brackets)::
 
@@ -29,15 +34,13 @@ Parameter tree (logical axes in brackets)::
     head/dense [D, D] (embed, None)  head/dense_bias [D]  head/out [D, C] (embed, classes)  head/out_bias [C]
                                                                                         (num_labels > 0 only)
 
-Hugging Face conversion: :data:`HF_MODEL_TYPES`, :func:`config_from_hf`, :func:`hf_config_from`,
-:func:`params_from_hf`, :func:`params_to_hf`, :func:`model_class`; :func:`load_encoder_folder` loads a
-``config.json`` + ``model.safetensors`` folder on its own.
+Hugging Face conversion (the converter contract of ``hf.py``, which loads and saves encoder folders):
+:data:`HF_MODEL_TYPES`, :func:`config_from_hf`, :func:`config_with_head`, :func:`hf_config_from`,
+:func:`params_from_hf`, :func:`params_to_hf`, :func:`model_class`.
 """
 
 from __future__ import annotations
 
-import json
-import pathlib
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -47,8 +50,8 @@ import numpy as np
 from flax import nnx
 
 from jaxrlhf.models.config import ModelConfig
-from jaxrlhf.models.layers import activation, attend, attention_mask, dense, layer_norm
-from jaxrlhf.models.llama import run_blocks
+from jaxrlhf.models.layers import (activation, attend, attention_mask, dense, layer_norm, normal_param, ones_param,
+                                   run_blocks, zeros_param)
 from jaxrlhf.sharding import constrain
 
 Array = jax.Array
@@ -73,19 +76,6 @@ class EncoderOutput(NamedTuple):
     logits_BC: Array | None
 
 
-def _param(rngs: nnx.Rngs, shape, axes, cfg: ModelConfig) -> nnx.Param:
-    init = nnx.initializers.normal(0.02)
-    return nnx.Param(init(rngs.params(), shape, jnp.dtype(cfg.param_dtype)), logical_axes=axes)
-
-
-def _ones(shape, axes, cfg: ModelConfig) -> nnx.Param:
-    return nnx.Param(jnp.ones(shape, jnp.dtype(cfg.param_dtype)), logical_axes=axes)
-
-
-def _zeros(shape, axes, cfg: ModelConfig) -> nnx.Param:
-    return nnx.Param(jnp.zeros(shape, jnp.dtype(cfg.param_dtype)), logical_axes=axes)
-
-
 def _check_encoder_cfg(cfg: ModelConfig) -> None:
     if cfg.family not in HF_MODEL_TYPES:
         raise ValueError(f"Encoder got model.family={cfg.family!r}; expected one of {HF_MODEL_TYPES}")
@@ -106,18 +96,18 @@ class EncoderLayers(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         L, D, H, d, F = cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.intermediate_size
         for name in ("q", "k", "v"):
-            setattr(self, name, _param(rngs, (L, D, H, d), ("layers", "embed", "heads", "head_dim"), cfg))
-            setattr(self, f"{name}_bias", _zeros((L, H, d), ("layers", "heads", "head_dim"), cfg))
-        self.o = _param(rngs, (L, H, d, D), ("layers", "heads", "head_dim", "embed"), cfg)
-        self.o_bias = _zeros((L, D), ("layers", "norm"), cfg)
-        self.attn_norm_scale = _ones((L, D), ("layers", "norm"), cfg)
-        self.attn_norm_bias = _zeros((L, D), ("layers", "norm"), cfg)
-        self.up = _param(rngs, (L, D, F), ("layers", "embed", "mlp"), cfg)
-        self.up_bias = _zeros((L, F), ("layers", "mlp"), cfg)
-        self.down = _param(rngs, (L, F, D), ("layers", "mlp", "embed"), cfg)
-        self.down_bias = _zeros((L, D), ("layers", "norm"), cfg)
-        self.mlp_norm_scale = _ones((L, D), ("layers", "norm"), cfg)
-        self.mlp_norm_bias = _zeros((L, D), ("layers", "norm"), cfg)
+            setattr(self, name, normal_param(rngs, (L, D, H, d), ("layers", "embed", "heads", "head_dim"), cfg))
+            setattr(self, f"{name}_bias", zeros_param((L, H, d), ("layers", "heads", "head_dim"), cfg))
+        self.o = normal_param(rngs, (L, H, d, D), ("layers", "heads", "head_dim", "embed"), cfg)
+        self.o_bias = zeros_param((L, D), ("layers", "norm"), cfg)
+        self.attn_norm_scale = ones_param((L, D), ("layers", "norm"), cfg)
+        self.attn_norm_bias = zeros_param((L, D), ("layers", "norm"), cfg)
+        self.up = normal_param(rngs, (L, D, F), ("layers", "embed", "mlp"), cfg)
+        self.up_bias = zeros_param((L, F), ("layers", "mlp"), cfg)
+        self.down = normal_param(rngs, (L, F, D), ("layers", "mlp", "embed"), cfg)
+        self.down_bias = zeros_param((L, D), ("layers", "norm"), cfg)
+        self.mlp_norm_scale = ones_param((L, D), ("layers", "norm"), cfg)
+        self.mlp_norm_bias = zeros_param((L, D), ("layers", "norm"), cfg)
 
 
 class ClassifierHead(nnx.Module):
@@ -125,10 +115,10 @@ class ClassifierHead(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         D, C = cfg.hidden_size, cfg.num_labels
-        self.dense = _param(rngs, (D, D), ("embed", None), cfg)
-        self.dense_bias = _zeros((D,), ("norm",), cfg)
-        self.out = _param(rngs, (D, C), ("embed", "classes"), cfg)
-        self.out_bias = _zeros((C,), ("classes",), cfg)
+        self.dense = normal_param(rngs, (D, D), ("embed", None), cfg)
+        self.dense_bias = zeros_param((D,), ("norm",), cfg)
+        self.out = normal_param(rngs, (D, C), ("embed", "classes"), cfg)
+        self.out_bias = zeros_param((C,), ("classes",), cfg)
 
 
 def _block(cfg: ModelConfig, x_BTD, lp, mask_B1TS):
@@ -181,43 +171,52 @@ def first_token_index(segment_ids_BT: Array) -> Array:
 class Encoder(nnx.Module):
     """BERT / RoBERTa / DistilBERT encoder with an optional sequence-classification head.
 
-    Call: ``model(tokens_BT, segment_ids_BT=None, token_type_ids_BT=None, positions_BT=None) -> EncoderOutput``.
+    Call: ``model(tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None, *, token_type_ids_BT=None)
+    -> EncoderOutput`` (the decoders' call, plus one encoder-only keyword).
 
     Args (call):
       tokens_BT: int32 token ids.
+      positions_BT: int32 position of each token in its sequence, 0 at the first real token (the batch
+        ``positions`` of ``CONVENTIONS.md``, as decoders take them). BERT/DistilBERT index their position
+        table with it; RoBERTa with ``pad_token_id + 1 + positions_BT`` on real tokens and
+        ``pad_token_id`` on padding (fairseq's offset). Default: BERT/DistilBERT ``0..T-1`` as
+        ``transformers`` (also on left-padded rows; give positions for packed rows); RoBERTa
+        :func:`roberta_positions` (``pad+1..`` skipping pads), which equals the offset batch positions.
       segment_ids_BT: int32, 0 = padding, 1.. = sequence id; attention is bidirectional within a segment
         (``attention_mask(..., causal=False)``). Default: all ones, except that RoBERTa, like
         ``transformers``, then treats ``tokens == pad_token_id`` as padding for its positions.
-      token_type_ids_BT: int32 BERT sentence A/B ids (default zeros); ignored by DistilBERT.
-      positions_BT: int32 absolute positions overriding the family default (BERT/DistilBERT:
-        ``0..T-1`` as ``transformers``, also on left-padded rows; RoBERTa: ``pad+1..`` skipping pads).
-        Give it for packed rows with BERT/DistilBERT.
+      cache: must be None (an encoder has no KV cache); it is in the signature so every model is called
+        the same way.
+      token_type_ids_BT: (keyword-only) int32 BERT sentence A/B ids (default zeros); ignored by DistilBERT.
 
     The classification head reads the first real token of each row (``[CLS]`` / ``<s>``), which equals
     ``transformers``' token 0 on right-padded rows. Rows are expected to hold one sequence each when a
     head or :func:`mean_pool` is used.
 
     Raises:
-      ValueError: (at construction) a non-encoder family or an inconsistent config; (at call) a sequence
-        longer than the position table allows.
+      ValueError: (at construction) a non-encoder family or an inconsistent config; (at call) a cache, or
+        a sequence longer than the position table allows (checked when the family computes positions, and
+        always for RoBERTa, whose positions reach ``pad_token_id + T``).
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         _check_encoder_cfg(cfg)
         self.cfg = cfg
         D = cfg.hidden_size
-        self.embed = _param(rngs, (cfg.vocab_size, D), ("vocab", "embed"), cfg)
-        self.pos_embed = _param(rngs, (cfg.max_position_embeddings, D), (None, "embed"), cfg)
+        self.embed = normal_param(rngs, (cfg.vocab_size, D), ("vocab", "embed"), cfg)
+        self.pos_embed = normal_param(rngs, (cfg.max_position_embeddings, D), (None, "embed"), cfg)
         if cfg.type_vocab_size:
-            self.type_embed = _param(rngs, (cfg.type_vocab_size, D), (None, "embed"), cfg)
-        self.embed_norm_scale = _ones((D,), ("norm",), cfg)
-        self.embed_norm_bias = _zeros((D,), ("norm",), cfg)
+            self.type_embed = normal_param(rngs, (cfg.type_vocab_size, D), (None, "embed"), cfg)
+        self.embed_norm_scale = ones_param((D,), ("norm",), cfg)
+        self.embed_norm_bias = zeros_param((D,), ("norm",), cfg)
         self.layers = EncoderLayers(cfg, rngs=rngs)
         if cfg.num_labels:
             self.head = ClassifierHead(cfg, rngs=rngs)
 
-    def __call__(self, tokens_BT, segment_ids_BT=None, token_type_ids_BT=None, positions_BT=None
+    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None, *, token_type_ids_BT=None
                  ) -> EncoderOutput:
+        if cache is not None:
+            raise ValueError("an encoder has no KV cache: call it with cache=None")
         cfg = self.cfg
         dt = cfg.compute_dtype
         B, T = tokens_BT.shape
@@ -226,19 +225,21 @@ class Encoder(nnx.Module):
             valid_BT = tokens_BT != cfg.pad_token_id if cfg.family == "roberta" else segment_ids_BT != 0
         else:
             valid_BT = segment_ids_BT != 0
-        if positions_BT is None:
-            if cfg.family == "roberta":
-                need = T + cfg.pad_token_id + 1
-                if need > cfg.max_position_embeddings:
-                    raise ValueError(f"tokens_BT has T={T} but RoBERTa positions reach pad_token_id+T = {need - 1} "
-                                     f">= model.max_position_embeddings={cfg.max_position_embeddings}; "
-                                     f"truncate to T <= {cfg.max_position_embeddings - cfg.pad_token_id - 1}")
+        if cfg.family == "roberta":
+            need = T + cfg.pad_token_id + 1
+            if need > cfg.max_position_embeddings:
+                raise ValueError(f"tokens_BT has T={T} but RoBERTa positions reach pad_token_id+T = {need - 1} "
+                                 f">= model.max_position_embeddings={cfg.max_position_embeddings}; "
+                                 f"truncate to T <= {cfg.max_position_embeddings - cfg.pad_token_id - 1}")
+            if positions_BT is None:
                 positions_BT = roberta_positions(valid_BT, segment_ids_BT, cfg.pad_token_id)
             else:
-                if T > cfg.max_position_embeddings:
-                    raise ValueError(f"tokens_BT has T={T} > model.max_position_embeddings="
-                                     f"{cfg.max_position_embeddings}; truncate the inputs")
-                positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+                positions_BT = jnp.where(valid_BT, positions_BT + cfg.pad_token_id + 1, cfg.pad_token_id)
+        elif positions_BT is None:
+            if T > cfg.max_position_embeddings:
+                raise ValueError(f"tokens_BT has T={T} > model.max_position_embeddings="
+                                 f"{cfg.max_position_embeddings}; truncate the inputs")
+            positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
 
         x = jnp.take(self.embed[...], tokens_BT, axis=0).astype(jnp.float32)
         x = x + jnp.take(self.pos_embed[...], positions_BT, axis=0).astype(jnp.float32)
@@ -567,52 +568,20 @@ def params_to_hf(params: Mapping[str, Any], cfg: ModelConfig) -> dict[str, np.nd
     return out
 
 
-def _strip_prefix_values(tensors: Mapping[str, Any], family: str) -> dict[str, Any]:
-    return {name: value for name, (_, value) in _strip_prefix(tensors, family).items()}
+def config_with_head(cfg: ModelConfig, hf_config: Mapping[str, Any], tensors: Mapping[str, Any]) -> ModelConfig:
+    """``cfg`` with the classification head the weights hold when ``config.json`` configured none.
 
-
-def _infer_num_labels(tensors: Mapping[str, Any], family: str) -> int:
-    """Classes of a classification head present in ``tensors`` (0 when there is none)."""
-    name = "classifier.out_proj.weight" if family == "roberta" else "classifier.weight"
-    w = tensors.get(name)
-    return 0 if w is None else int(np.shape(w)[0])
-
-
-def load_encoder_folder(path: str | pathlib.Path, dtype: str | None = None) -> Encoder:
-    """Load a ``transformers`` folder (``config.json`` + ``model.safetensors``) into an :class:`Encoder`.
-
-    When ``config.json`` lists no ``*ForSequenceClassification`` architecture but the weights hold a
-    classifier, the head is kept (``num_labels`` from its shape). ``dtype`` sets the compute dtype.
-
-    Raises:
-      ValueError: missing files or a config/weights mismatch (see :func:`params_from_hf`).
+    A checkpoint whose ``architectures`` lists no ``*ForSequenceClassification`` class but whose tensors
+    hold a classifier keeps the head: ``num_labels`` from its weight's shape, ``labels`` from
+    ``id2label`` when that names exactly those classes. Otherwise ``cfg`` comes back unchanged.
     """
-    from safetensors.numpy import load_file
-
-    path = pathlib.Path(path)
-    cfg_file, weights = path / "config.json", path / "model.safetensors"
-    for f in (cfg_file, weights):
-        if not f.is_file():
-            raise ValueError(f"{f} not found; expected a transformers folder with config.json and model.safetensors")
-    hf_cfg = json.loads(cfg_file.read_text())
-    cfg = config_from_hf(hf_cfg)
-    tensors = load_file(str(weights))
-    if not cfg.num_labels:
-        n = _infer_num_labels(_strip_prefix_values(tensors, cfg.family), cfg.family)
-        if n:
-            id2label = {int(k): str(v) for k, v in (hf_cfg.get("id2label") or {}).items()}
-            labels = tuple(id2label[i] for i in range(n)) if set(id2label) == set(range(n)) else ()
-            cfg = cfg.replace(num_labels=n, labels=labels)
-    if dtype is not None:
-        cfg = cfg.replace(dtype=dtype)
-    params = params_from_hf(tensors, cfg)
-    return build_encoder(cfg, params)
-
-
-def build_encoder(cfg: ModelConfig, params: Mapping[str, Any]) -> Encoder:
-    """An :class:`Encoder` holding ``params`` (a pure dict as from :func:`params_from_hf`), without random init."""
-    abstract = nnx.eval_shape(lambda: Encoder(cfg, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    dtype = jnp.dtype(cfg.param_dtype)
-    nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jnp.asarray(a, dtype), dict(params)))
-    return nnx.merge(graphdef, state)
+    if cfg.num_labels:
+        return cfg
+    name = "classifier.out_proj.weight" if cfg.family == "roberta" else "classifier.weight"
+    w = {k: v for k, (_, v) in _strip_prefix(tensors, cfg.family).items()}.get(name)
+    n = 0 if w is None else int(np.shape(w)[0])
+    if not n:
+        return cfg
+    id2label = {int(k): str(v) for k, v in (hf_config.get("id2label") or {}).items()}
+    labels = tuple(id2label[i] for i in range(n)) if set(id2label) == set(range(n)) else ()
+    return cfg.replace(num_labels=n, labels=labels)

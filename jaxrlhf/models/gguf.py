@@ -15,14 +15,15 @@ llama.cpp's NEOX RoPE and are stored unpermuted.
 from __future__ import annotations
 
 import importlib.util
-
 import os
 import pathlib
 from typing import Any
 
 import numpy as np
 
+from jaxrlhf.models import llama
 from jaxrlhf.models.config import ModelConfig, RopeScaling
+from jaxrlhf.models.hf import model_from_params
 
 PathLike = str | os.PathLike
 
@@ -74,12 +75,6 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     if rows % (2 * n_heads):
         raise ValueError(f"cannot unpermute {rows} rows into {n_heads} heads of even width")
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """llama.cpp's q/k row permutation (the inverse of :func:`unpermute_qk`), for writing GGUF files."""
-    rows = w.shape[0]
-    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def read_metadata(reader) -> dict[str, Any]:
@@ -196,9 +191,6 @@ def load_gguf(path: PathLike, *, dtype: str = "float32", param_dtype: str = "flo
         ``pip install 'jaxrlhf[gguf]'``), raised before the weights are read.
     """
     from gguf import GGUFReader
-
-    from jaxrlhf.models import llama
-    from jaxrlhf.models.hf import model_from_params
 
     path = pathlib.Path(path)
     if not path.is_file():

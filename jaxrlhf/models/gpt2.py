@@ -4,7 +4,7 @@ Multitask Learners"), with Hugging Face conversion.
 Pre-LayerNorm blocks, learned absolute position embeddings (``wpe``), multi-head attention with biases,
 a GELU (tanh approximation, ``gelu_new``) MLP with biases, a final LayerNorm and an LM head tied to the
 token embedding. As in ``llama.py`` the layer parameters are stacked along a leading ``layers`` axis and
-the blocks run under one ``jax.lax.scan`` (``run_blocks``), with the same call signature and KV cache.
+the blocks run under one ``jax.lax.scan`` (``layers.run_blocks``), with the same call signature and KV cache.
 
 Parameter tree (logical axes in brackets)::
 
@@ -37,9 +37,9 @@ import numpy as np
 from flax import nnx
 
 from jaxrlhf.models.config import ModelConfig
-from jaxrlhf.models.hf import CheckpointTensors, require
-from jaxrlhf.models.layers import KVCache, activation, attend, dense, layer_norm
-from jaxrlhf.models.llama import DecoderOutput, _ones, _param, _zeros, prepare_inputs, run_blocks
+from jaxrlhf.models.layers import (DecoderOutput, KVCache, activation, attend, dense, layer_norm, normal_param,
+                                   ones_param, prepare_inputs, run_blocks, zeros_param)
+from jaxrlhf.models.tensors import CheckpointTensors, require
 from jaxrlhf.sharding import constrain
 
 Array = jax.Array
@@ -54,22 +54,22 @@ class GPT2Layers(nnx.Module):
         L, D, H, d, F = cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.intermediate_size
         # GPT-2 scales the residual projections' init by 1/sqrt(2L) (Radford et al. 2019, sec. 2.3).
         resid = nnx.initializers.normal(0.02 / np.sqrt(2 * L))
-        self.attn_norm = _ones((L, D), ("layers", "norm"), cfg)
-        self.attn_norm_bias = _zeros((L, D), ("layers", "norm"), cfg)
-        self.q = _param(rngs, (L, D, H, d), ("layers", "embed", "heads", "head_dim"), cfg)
-        self.k = _param(rngs, (L, D, H, d), ("layers", "embed", "kv_heads", "head_dim"), cfg)
-        self.v = _param(rngs, (L, D, H, d), ("layers", "embed", "kv_heads", "head_dim"), cfg)
-        self.q_bias = _zeros((L, H, d), ("layers", "heads", "head_dim"), cfg)
-        self.k_bias = _zeros((L, H, d), ("layers", "kv_heads", "head_dim"), cfg)
-        self.v_bias = _zeros((L, H, d), ("layers", "kv_heads", "head_dim"), cfg)
-        self.o = _param(rngs, (L, H, d, D), ("layers", "heads", "head_dim", "embed"), cfg, init=resid)
-        self.o_bias = _zeros((L, D), ("layers", "norm"), cfg)
-        self.mlp_norm = _ones((L, D), ("layers", "norm"), cfg)
-        self.mlp_norm_bias = _zeros((L, D), ("layers", "norm"), cfg)
-        self.up = _param(rngs, (L, D, F), ("layers", "embed", "mlp"), cfg)
-        self.up_bias = _zeros((L, F), ("layers", "mlp"), cfg)
-        self.down = _param(rngs, (L, F, D), ("layers", "mlp", "embed"), cfg, init=resid)
-        self.down_bias = _zeros((L, D), ("layers", "norm"), cfg)
+        self.attn_norm = ones_param((L, D), ("layers", "norm"), cfg)
+        self.attn_norm_bias = zeros_param((L, D), ("layers", "norm"), cfg)
+        self.q = normal_param(rngs, (L, D, H, d), ("layers", "embed", "heads", "head_dim"), cfg)
+        self.k = normal_param(rngs, (L, D, H, d), ("layers", "embed", "kv_heads", "head_dim"), cfg)
+        self.v = normal_param(rngs, (L, D, H, d), ("layers", "embed", "kv_heads", "head_dim"), cfg)
+        self.q_bias = zeros_param((L, H, d), ("layers", "heads", "head_dim"), cfg)
+        self.k_bias = zeros_param((L, H, d), ("layers", "kv_heads", "head_dim"), cfg)
+        self.v_bias = zeros_param((L, H, d), ("layers", "kv_heads", "head_dim"), cfg)
+        self.o = normal_param(rngs, (L, H, d, D), ("layers", "heads", "head_dim", "embed"), cfg, init=resid)
+        self.o_bias = zeros_param((L, D), ("layers", "norm"), cfg)
+        self.mlp_norm = ones_param((L, D), ("layers", "norm"), cfg)
+        self.mlp_norm_bias = zeros_param((L, D), ("layers", "norm"), cfg)
+        self.up = normal_param(rngs, (L, D, F), ("layers", "embed", "mlp"), cfg)
+        self.up_bias = zeros_param((L, F), ("layers", "mlp"), cfg)
+        self.down = normal_param(rngs, (L, F, D), ("layers", "mlp", "embed"), cfg, init=resid)
+        self.down_bias = zeros_param((L, D), ("layers", "norm"), cfg)
 
 
 def _block(cfg: ModelConfig, x_BTD, lp, mask_B1TS, kv, cache_index):
@@ -114,14 +114,14 @@ class GPT2(nnx.Module):
                              f"must equal model.num_heads={cfg.num_heads}")
         self.cfg = cfg
         D = cfg.hidden_size
-        self.embed = _param(rngs, (cfg.vocab_size, D), ("vocab", "embed"), cfg)
-        self.pos_embed = _param(rngs, (cfg.max_position_embeddings, D), (None, "embed"), cfg,
+        self.embed = normal_param(rngs, (cfg.vocab_size, D), ("vocab", "embed"), cfg)
+        self.pos_embed = normal_param(rngs, (cfg.max_position_embeddings, D), (None, "embed"), cfg,
                                 init=nnx.initializers.normal(0.01))
         self.layers = GPT2Layers(cfg, rngs=rngs)
-        self.final_norm = _ones((D,), ("norm",), cfg)
-        self.final_norm_bias = _zeros((D,), ("norm",), cfg)
+        self.final_norm = ones_param((D,), ("norm",), cfg)
+        self.final_norm_bias = zeros_param((D,), ("norm",), cfg)
         if not cfg.tie_word_embeddings:
-            self.lm_head = _param(rngs, (D, cfg.vocab_size), ("embed", "vocab"), cfg)
+            self.lm_head = normal_param(rngs, (D, cfg.vocab_size), ("embed", "vocab"), cfg)
 
     def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache: KVCache | None = None
                  ) -> DecoderOutput:

@@ -24,6 +24,8 @@ from typing import Any
 from flax import nnx
 
 from jaxrlhf.models.config import ModelConfig
+from jaxrlhf.models.gguf import load_gguf
+from jaxrlhf.models.hf import load_hf_folder
 
 PathLike = str | os.PathLike
 
@@ -104,15 +106,11 @@ def _tokenizer(folder: pathlib.Path):
 
 
 def _load_folder(folder: pathlib.Path, source: str, dtype: str, allow_pickle: bool, param_dtype: str) -> Pretrained:
-    from jaxrlhf.models.hf import load_hf_folder
-
     model, cfg = load_hf_folder(folder, dtype=dtype, allow_pickle=allow_pickle, param_dtype=param_dtype)
     return Pretrained(model, cfg, _tokenizer(folder), source)
 
 
 def _load_gguf(file: pathlib.Path, source: str, dtype: str, param_dtype: str) -> Pretrained:
-    from jaxrlhf.models.gguf import load_gguf
-
     model, cfg, tok = load_gguf(file, dtype=dtype, param_dtype=param_dtype)
     return Pretrained(model, cfg, tok, source)
 

@@ -1,7 +1,17 @@
-"""Building blocks shared by the model families: norms, RoPE, attention masks, attention, KV cache.
+"""Building blocks shared by the model families (``llama.py``, ``gpt2.py``, ``bert.py``).
 
-All functions are pure and operate on arrays; the modules in ``llama.py``/``gpt2.py``/``bert.py`` hold
-parameters and call these. Shapes use the suffix convention of ``CONVENTIONS.md``.
+* parameters: :func:`normal_param`, :func:`ones_param`, :func:`zeros_param` (``nnx.Param`` with logical axes);
+* arrays: :func:`dense`, :func:`rms_norm`, :func:`layer_norm`, :func:`activation`, RoPE
+  (:func:`rope_frequencies`, :func:`apply_rope`), :func:`attention_mask`, :func:`attend`,
+  :func:`default_positions`;
+* decoding: :class:`KVCache`, :func:`init_cache`, :func:`prepare_inputs` (segments, positions, mask and
+  cache slots of a decoder call) and :class:`DecoderOutput`;
+* depth: :func:`run_blocks` scans a block over the stacked ``layers`` parameters.
+
+Every model is called the same way, ``model(tokens_BT, positions_BT, segment_ids_BT, cache=None)``
+(encoders take no cache). Functions are pure and operate on arrays; the modules in the family files hold
+parameters and call these. Shapes use the suffix convention of ``CONVENTIONS.md``. This module imports
+no model family.
 """
 
 from __future__ import annotations
@@ -12,10 +22,33 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxrlhf.models.config import ModelConfig, RopeScaling
 
 Array = jax.Array
+
+
+# --------------------------------------------------------------------------------------- parameters
+
+def normal_param(rngs: nnx.Rngs, shape, axes, cfg: ModelConfig, init=None) -> nnx.Param:
+    """An ``nnx.Param`` of ``shape`` in ``cfg.param_dtype`` drawn by ``init`` (default ``normal(0.02)``),
+    with ``logical_axes=axes`` for the sharding rules."""
+    init = init or nnx.initializers.normal(0.02)
+    return nnx.Param(init(rngs.params(), shape, jnp.dtype(cfg.param_dtype)), logical_axes=axes)
+
+
+def ones_param(shape, axes, cfg: ModelConfig) -> nnx.Param:
+    """An all-ones ``nnx.Param`` (norm scales) in ``cfg.param_dtype`` with ``logical_axes=axes``."""
+    return nnx.Param(jnp.ones(shape, jnp.dtype(cfg.param_dtype)), logical_axes=axes)
+
+
+def zeros_param(shape, axes, cfg: ModelConfig) -> nnx.Param:
+    """An all-zeros ``nnx.Param`` (biases) in ``cfg.param_dtype`` with ``logical_axes=axes``."""
+    return nnx.Param(jnp.zeros(shape, jnp.dtype(cfg.param_dtype)), logical_axes=axes)
+
+
+# ----------------------------------------------------------------------------------- array functions
 
 
 def dense(x: Array, w: Array, in_axes: int = 1) -> Array:
@@ -180,3 +213,70 @@ def default_positions(segment_ids_BT: Array) -> Array:
     idx = jnp.arange(segment_ids_BT.shape[1])[None, :]
     seg_start = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
     return jnp.where(valid > 0, idx - seg_start, 0).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------- decoder calls, depth
+
+class DecoderOutput(NamedTuple):
+    """``logits_BTV`` (compute dtype), ``hidden_BTD`` (after the final norm), updated ``cache`` or None."""
+
+    logits_BTV: Array
+    hidden_BTD: Array
+    cache: KVCache | None
+
+
+def prepare_inputs(tokens_BT, positions_BT, segment_ids_BT, cache: KVCache | None):
+    """Fill default segments/positions, update the cache's segment ids and build the attention mask.
+
+    Returns ``(positions_BT, mask_B1TS, new_segment_ids_BS or None, cache_index)``.
+
+    Raises:
+      ValueError: a cache without ``positions_BT``.
+    """
+    B, T = tokens_BT.shape
+    if segment_ids_BT is None:
+        segment_ids_BT = jnp.ones((B, T), jnp.int32)
+    if positions_BT is None:
+        if cache is not None:
+            raise ValueError("positions_BT is required when decoding with a cache")
+        positions_BT = default_positions(segment_ids_BT)
+    if cache is None:
+        slots = jnp.arange(T)
+        return positions_BT, attention_mask(segment_ids_BT, segment_ids_BT, slots, slots), None, None
+    index = cache.index
+    kv_segments = jax.lax.dynamic_update_slice(cache.segment_ids_BS, segment_ids_BT.astype(jnp.int32), (0, index))
+    mask = attention_mask(segment_ids_BT, kv_segments, index + jnp.arange(T), jnp.arange(kv_segments.shape[1]))
+    return positions_BT, mask, kv_segments, index
+
+
+def run_blocks(block_fn, cfg: ModelConfig, x_BTD, layer_params: dict, cache: KVCache | None, *args):
+    """Scan ``block_fn(x, layer_params_l, kv_l, *args) -> (x, kv_l)`` over the stacked layers.
+
+    With a cache, the full ``[L, ...]`` key/value arrays ride in the scan carry and layer ``l``'s slice
+    is updated in place (``dynamic_update_index_in_dim``), rather than being scanned in and stacked out
+    again, which copied the whole cache on every decode step. ``remat='block'`` recomputes each block
+    in the backward pass.
+    """
+    if cache is None:
+        def body(x, lp):
+            return block_fn(x, lp, None, *args)[0], None
+
+        if cfg.remat == "block":
+            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+        x_BTD, _ = jax.lax.scan(body, x_BTD, layer_params)
+        return x_BTD, None
+
+    def body_cached(carry, xs):
+        x, k_all, v_all = carry
+        lp, layer = xs
+        kv = (jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False),
+              jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False))
+        x, (k, v) = block_fn(x, lp, kv, *args)
+        return (x, jax.lax.dynamic_update_index_in_dim(k_all, k, layer, 0),
+                jax.lax.dynamic_update_index_in_dim(v_all, v, layer, 0)), None
+
+    if cfg.remat == "block":
+        body_cached = jax.checkpoint(body_cached, policy=jax.checkpoint_policies.nothing_saveable)
+    (x_BTD, k_all, v_all), _ = jax.lax.scan(body_cached, (x_BTD, cache.k_LBSKd, cache.v_LBSKd),
+                                            (layer_params, jnp.arange(cfg.num_layers)))
+    return x_BTD, (k_all, v_all)

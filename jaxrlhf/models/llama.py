@@ -2,8 +2,12 @@
 
 RMSNorm, rotary position embeddings (with the standard scaling types), grouped-query attention,
 SwiGLU MLP, tied or untied embeddings (Touvron et al. 2023). Layer parameters are stacked along a
-leading ``layers`` axis and the blocks run under one ``jax.lax.scan``, so compile time does not grow
-with depth, and ``remat='block'`` recomputes a block in the backward pass.
+leading ``layers`` axis and the blocks run under one ``jax.lax.scan`` (``layers.run_blocks``), so compile
+time does not grow with depth, and ``remat='block'`` recomputes a block in the backward pass.
+
+The module holds :class:`Llama` (its block and parameters; the shared helpers are in ``layers.py``) and the
+Hugging Face converter contract of ``hf.py`` (``HF_MODEL_TYPES``, ``config_from_hf``, ``hf_config_from``,
+``params_from_hf``, ``params_to_hf``), built on ``tensors.CheckpointTensors``.
 
 Parameter tree (logical axes in brackets)::
 
@@ -18,41 +22,18 @@ Parameter tree (logical axes in brackets)::
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from jaxrlhf.models.config import ModelConfig, RopeScaling
-from jaxrlhf.models.hf import CheckpointTensors, require
-from jaxrlhf.models.layers import (KVCache, activation, apply_rope, attend, attention_mask, default_positions,
-                                   dense, rms_norm, rope_frequencies)
+from jaxrlhf.models.layers import (DecoderOutput, KVCache, activation, apply_rope, attend, dense, normal_param,
+                                   ones_param, prepare_inputs, rms_norm, rope_frequencies, run_blocks, zeros_param)
+from jaxrlhf.models.tensors import CheckpointTensors, require
 from jaxrlhf.sharding import constrain
 
 Array = jax.Array
-
-
-class DecoderOutput(NamedTuple):
-    """``logits_BTV`` (compute dtype), ``hidden_BTD`` (after the final norm), updated ``cache`` or None."""
-
-    logits_BTV: Array
-    hidden_BTD: Array
-    cache: KVCache | None
-
-
-def _param(rngs: nnx.Rngs, shape, axes, cfg: ModelConfig, init=None) -> nnx.Param:
-    init = init or nnx.initializers.normal(0.02)
-    return nnx.Param(init(rngs.params(), shape, jnp.dtype(cfg.param_dtype)), logical_axes=axes)
-
-
-def _ones(shape, axes, cfg: ModelConfig) -> nnx.Param:
-    return nnx.Param(jnp.ones(shape, jnp.dtype(cfg.param_dtype)), logical_axes=axes)
-
-
-def _zeros(shape, axes, cfg: ModelConfig) -> nnx.Param:
-    return nnx.Param(jnp.zeros(shape, jnp.dtype(cfg.param_dtype)), logical_axes=axes)
 
 
 class LlamaLayers(nnx.Module):
@@ -61,19 +42,19 @@ class LlamaLayers(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         L, D, H, K, d, F = (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                             cfg.intermediate_size)
-        self.attn_norm = _ones((L, D), ("layers", "norm"), cfg)
-        self.q = _param(rngs, (L, D, H, d), ("layers", "embed", "heads", "head_dim"), cfg)
-        self.k = _param(rngs, (L, D, K, d), ("layers", "embed", "kv_heads", "head_dim"), cfg)
-        self.v = _param(rngs, (L, D, K, d), ("layers", "embed", "kv_heads", "head_dim"), cfg)
+        self.attn_norm = ones_param((L, D), ("layers", "norm"), cfg)
+        self.q = normal_param(rngs, (L, D, H, d), ("layers", "embed", "heads", "head_dim"), cfg)
+        self.k = normal_param(rngs, (L, D, K, d), ("layers", "embed", "kv_heads", "head_dim"), cfg)
+        self.v = normal_param(rngs, (L, D, K, d), ("layers", "embed", "kv_heads", "head_dim"), cfg)
         if cfg.attention_bias:
-            self.q_bias = _zeros((L, H, d), ("layers", "heads", "head_dim"), cfg)
-            self.k_bias = _zeros((L, K, d), ("layers", "kv_heads", "head_dim"), cfg)
-            self.v_bias = _zeros((L, K, d), ("layers", "kv_heads", "head_dim"), cfg)
-        self.o = _param(rngs, (L, H, d, D), ("layers", "heads", "head_dim", "embed"), cfg)
-        self.mlp_norm = _ones((L, D), ("layers", "norm"), cfg)
-        self.gate = _param(rngs, (L, D, F), ("layers", "embed", "mlp"), cfg)
-        self.up = _param(rngs, (L, D, F), ("layers", "embed", "mlp"), cfg)
-        self.down = _param(rngs, (L, F, D), ("layers", "mlp", "embed"), cfg)
+            self.q_bias = zeros_param((L, H, d), ("layers", "heads", "head_dim"), cfg)
+            self.k_bias = zeros_param((L, K, d), ("layers", "kv_heads", "head_dim"), cfg)
+            self.v_bias = zeros_param((L, K, d), ("layers", "kv_heads", "head_dim"), cfg)
+        self.o = normal_param(rngs, (L, H, d, D), ("layers", "heads", "head_dim", "embed"), cfg)
+        self.mlp_norm = ones_param((L, D), ("layers", "norm"), cfg)
+        self.gate = normal_param(rngs, (L, D, F), ("layers", "embed", "mlp"), cfg)
+        self.up = normal_param(rngs, (L, D, F), ("layers", "embed", "mlp"), cfg)
+        self.down = normal_param(rngs, (L, F, D), ("layers", "mlp", "embed"), cfg)
 
 
 def _block(cfg: ModelConfig, rope, x_BTD, lp, mask_B1TS, positions_BT, kv, cache_index):
@@ -105,60 +86,6 @@ def _block(cfg: ModelConfig, rope, x_BTD, lp, mask_B1TS, positions_BT, kv, cache
     return constrain(x_BTD, ("batch", "length", "embed")), kv
 
 
-def run_blocks(block_fn, cfg: ModelConfig, x_BTD, layer_params: dict, cache: KVCache | None, *args):
-    """Scan ``block_fn(x, layer_params_l, kv_l, *args) -> (x, kv_l)`` over the stacked layers.
-
-    With a cache, the full ``[L, ...]`` key/value arrays ride in the scan carry and layer ``l``'s slice
-    is updated in place (``dynamic_update_index_in_dim``), rather than being scanned in and stacked out
-    again, which copied the whole cache on every decode step. ``remat='block'`` recomputes each block
-    in the backward pass.
-    """
-    if cache is None:
-        def body(x, lp):
-            return block_fn(x, lp, None, *args)[0], None
-
-        if cfg.remat == "block":
-            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-        x_BTD, _ = jax.lax.scan(body, x_BTD, layer_params)
-        return x_BTD, None
-
-    def body_cached(carry, xs):
-        x, k_all, v_all = carry
-        lp, layer = xs
-        kv = (jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False),
-              jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False))
-        x, (k, v) = block_fn(x, lp, kv, *args)
-        return (x, jax.lax.dynamic_update_index_in_dim(k_all, k, layer, 0),
-                jax.lax.dynamic_update_index_in_dim(v_all, v, layer, 0)), None
-
-    if cfg.remat == "block":
-        body_cached = jax.checkpoint(body_cached, policy=jax.checkpoint_policies.nothing_saveable)
-    (x_BTD, k_all, v_all), _ = jax.lax.scan(body_cached, (x_BTD, cache.k_LBSKd, cache.v_LBSKd),
-                                            (layer_params, jnp.arange(cfg.num_layers)))
-    return x_BTD, (k_all, v_all)
-
-
-def prepare_inputs(tokens_BT, positions_BT, segment_ids_BT, cache: KVCache | None):
-    """Fill default segments/positions, update the cache's segment ids and build the attention mask.
-
-    Returns ``(positions_BT, mask_B1TS, new_segment_ids_BS or None, cache_index)``.
-    """
-    B, T = tokens_BT.shape
-    if segment_ids_BT is None:
-        segment_ids_BT = jnp.ones((B, T), jnp.int32)
-    if positions_BT is None:
-        if cache is not None:
-            raise ValueError("positions_BT is required when decoding with a cache")
-        positions_BT = default_positions(segment_ids_BT)
-    if cache is None:
-        slots = jnp.arange(T)
-        return positions_BT, attention_mask(segment_ids_BT, segment_ids_BT, slots, slots), None, None
-    index = cache.index
-    kv_segments = jax.lax.dynamic_update_slice(cache.segment_ids_BS, segment_ids_BT.astype(jnp.int32), (0, index))
-    mask = attention_mask(segment_ids_BT, kv_segments, index + jnp.arange(T), jnp.arange(kv_segments.shape[1]))
-    return positions_BT, mask, kv_segments, index
-
-
 class Llama(nnx.Module):
     """Llama-family causal language model.
 
@@ -177,11 +104,11 @@ class Llama(nnx.Module):
         if cfg.family != "llama":
             raise ValueError(f"Llama got model.family={cfg.family!r}")
         self.cfg = cfg
-        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg)
+        self.embed = normal_param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg)
         self.layers = LlamaLayers(cfg, rngs=rngs)
-        self.final_norm = _ones((cfg.hidden_size,), ("norm",), cfg)
+        self.final_norm = ones_param((cfg.hidden_size,), ("norm",), cfg)
         if not cfg.tie_word_embeddings:
-            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg)
+            self.lm_head = normal_param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg)
 
     def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache: KVCache | None = None
                  ) -> DecoderOutput:

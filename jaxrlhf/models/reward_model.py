@@ -19,6 +19,9 @@ Inputs take any leading dims (``[B, T]``, preference pairs ``[B, 2, T]``, rankin
 flattened to rows for the backbone and the outputs reshaped back (a local reshape: the rows of one
 example stay together, so a batch sharded on its leading axis keeps them on one device).
 
+The backbone is called like every model, ``backbone(tokens_BT, positions_BT, segment_ids_BT)``, whatever
+its family (encoders turn the batch positions into their own position ids).
+
 Saving: :func:`save_reward_model` writes a Hugging Face folder of the backbone (``config.json`` +
 ``model.safetensors`` + tokenizer, loadable by ``transformers`` as the plain backbone) plus
 ``reward_head.safetensors`` and ``reward_model.json`` (pooling, head size, labels, normalisation
@@ -41,6 +44,9 @@ import numpy as np
 from flax import nnx
 
 from jaxrlhf.models.heads import ScalarHead, gather_last, last_token_index
+from jaxrlhf.models.hf import save_hf_folder
+from jaxrlhf.models.hub import load_pretrained
+from jaxrlhf.models.tensors import read_safetensors, write_safetensors
 
 Array = jax.Array
 
@@ -107,8 +113,9 @@ class RewardModel(nnx.Module):
     """Backbone + reward (or classification) head.
 
     Args:
-      backbone: a decoder (``Llama``/``GPT2``: ``backbone(tokens, positions, segment_ids).hidden_BTD``) or
-        an encoder (``jaxrlhf.models.bert.Encoder``); its ``cfg`` must have ``hidden_size``.
+      backbone: a decoder (``Llama``/``GPT2``) or an encoder (``jaxrlhf.models.bert.Encoder``), both called
+        as ``backbone(tokens_BT, positions_BT, segment_ids_BT).hidden_BTD``; its ``cfg`` must have
+        ``hidden_size``.
       num_outputs: 1 (scalar reward, :class:`ScalarHead`) or ``C >= 2`` class logits (:class:`LinearHead`).
       pooling: ``auto``, ``last``, ``mean`` or ``first`` (see the module docstring).
       score_label: the class whose log-odds is the reward (``num_outputs >= 2`` only).
@@ -133,7 +140,6 @@ class RewardModel(nnx.Module):
             raise ValueError(f"labels has {len(labels)} names for num_outputs={num_outputs}")
         self.backbone = backbone
         self.is_decoder = bool(cfg.is_decoder)
-        self.family = cfg.family
         self.pooling = resolve_pooling(pooling, self.is_decoder)
         self.num_outputs = int(num_outputs)
         self.score_label = int(score_label) if num_outputs > 1 else 0
@@ -150,11 +156,7 @@ class RewardModel(nnx.Module):
         tok = tokens.reshape(-1, T)
         seg = segment_ids.reshape(-1, T)
         pos = None if positions is None else positions.reshape(-1, T)
-        if self.is_decoder:
-            hidden = self.backbone(tok, pos, seg).hidden_BTD
-        else:
-            # RoBERTa derives its own pad-offset positions; BERT/DistilBERT take ours (0.. per sequence).
-            hidden = self.backbone(tok, seg, None, None if self.family == "roberta" else pos).hidden_BTD
+        hidden = self.backbone(tok, pos, seg).hidden_BTD  # decoders and encoders take the same call
         pooled = pool_hidden(hidden, seg, self.pooling)
         return pooled.reshape(lead + pooled.shape[-1:])
 
@@ -216,8 +218,6 @@ def save_reward_model(model: RewardModel, path: str | pathlib.Path, tokenizer: A
     ``bias [C]``, float32) and ``reward_model.json``: ``{format_version, num_outputs, pooling, score_label,
     labels, reward_mean, reward_std}``. Returns the folder.
     """
-    from jaxrlhf.models.hf import save_hf_folder, write_safetensors
-
     path = pathlib.Path(path)
     save_hf_folder(model.backbone, model.backbone.cfg, path, tokenizer)
     kernel = np.asarray(jax.device_get(model.head.kernel[...]), np.float32)
@@ -240,9 +240,6 @@ def load_reward_model(path: str | pathlib.Path, *, dtype: str = "float32") -> tu
       FileNotFoundError: no ``reward_model.json`` / head file in ``path``.
       ValueError: an unknown format version or a head that does not match the backbone width.
     """
-    from jaxrlhf.models.hf import read_safetensors
-    from jaxrlhf.models.hub import load_pretrained
-
     path = pathlib.Path(path)
     for f in (META_FILE, HEAD_FILE):
         if not (path / f).is_file():
