@@ -164,27 +164,15 @@ def hacking_series(records: list[dict], proxy: str = "proxy", gold: str = "gold"
     return out
 
 
-def _gao(d, alpha, beta):
-    return d * (alpha - beta * np.log(d))
+def _fit_gao(d: np.ndarray, r: np.ndarray):
+    """:func:`jaxrlhf.frontier.fit_gao` of reward gains ``r`` against ``d = sqrt(KL)`` (the RL form
+    ``R(d) = d(α − β log d)``, Gao et al. 2022); None where the points do not determine the fit."""
+    from jaxrlhf.frontier import fit_gao
 
-
-def _fit_gao(d: np.ndarray, r: np.ndarray) -> tuple[float, float] | None:
-    """Least-squares (alpha, beta) of R(d) = d (alpha - beta log d) over points with d > 0 (Gao et al.
-    2022, eq. for RL); None with fewer than 2 such points or when the fit fails."""
-    import warnings
-
-    from scipy.optimize import OptimizeWarning, curve_fit
-
-    keep = d > 0
-    if keep.sum() < 2:
-        return None
     try:
-        with warnings.catch_warnings():  # an exact fit has no covariance estimate: harmless here
-            warnings.simplefilter("ignore", OptimizeWarning)
-            (alpha, beta), _ = curve_fit(_gao, d[keep], r[keep], p0=(1.0, 0.1), maxfev=10000)
-    except (RuntimeError, ValueError):
+        return fit_gao(np.square(d), r)
+    except ValueError:
         return None
-    return float(alpha), float(beta)
 
 
 def sample_rows(records: list[dict], n_prompts: int = 3) -> list[dict]:
@@ -277,9 +265,9 @@ def _plots(records, out_dir, x, y, loss, proxy, is_hacking) -> tuple[list[str], 
             for key, c in (("proxy", "tab:orange"), ("gold", "tab:blue")):
                 ax.plot(s["d"], s[key], "o", color=c, ms=3, label=f"{key} (eval points)")
                 fit = fits[label][key] = _fit_gao(s["d"], s[key])
-                if fit:
-                    ax.plot(grid, _gao(grid, *fit), "-", color=c,
-                            label=f"{key} fit: α={fit[0]:.3g}, β={fit[1]:.3g}")
+                if fit is not None:
+                    ax.plot(grid, fit.predict(np.square(grid)), "-", color=c,
+                            label=f"{key} fit: α={fit.alpha:.3g}±{fit.alpha_se:.2g}, β={fit.beta:.3g}±{fit.beta_se:.2g}")
             ax.set(xlabel=f"sqrt({x}) (nats^½)", ylabel="reward − initial", title=f"{label}: reward hacking")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
@@ -328,12 +316,13 @@ def write_study_report(study_dir: str | pathlib.Path, arms: Sequence[Any] | None
     files, fits = _plots(records, out.parent, x, y, loss, proxy, is_hacking)
     if files:
         lines += ["", "## Plots", ""] + [f"![{f}]({f})" for f in files]
-    if any(fit for f in fits.values() for fit in f.values()):
+    if any(fit is not None for f in fits.values() for fit in f.values()):
         lines += ["", "Gao et al. (2022) fits of the reward gain, d = sqrt(KL):", ""]
     for label, f in fits.items():
         for key, fit in f.items():
-            if fit:
-                lines.append(f"- {label}: {key} ≈ d (α − β log d), α = {fit[0]:.4g}, β = {fit[1]:.4g}")
+            if fit is not None:
+                lines.append(f"- {label}: {key} ≈ d (α − β log d), α = {fit.alpha:.4g} ± {fit.alpha_se:.2g}, "
+                             f"β = {fit.beta:.4g} ± {fit.beta_se:.2g} ({fit.num_points} points)")
     samples = sample_rows(records, n_prompts)
     if samples:
         lines += ["", "## Samples before / after training", "", "| method (arm) | prompt | before | after |",

@@ -122,11 +122,12 @@ def test_gao_fit_recovers_alpha_beta():
     d = np.linspace(0.2, 4.0, 25)
     alpha, beta = 0.8, 0.3
     r = d * (alpha - beta * np.log(d))  # Gao et al. (2022) RL form, computed here independently
-    fit = R._fit_gao(np.concatenate([[0.0], d]), np.concatenate([[0.0], r]))  # d = 0 is left out of the fit
-    assert fit == pytest.approx((alpha, beta), rel=1e-6)
+    fit = R._fit_gao(np.concatenate([[0.0], d]), np.concatenate([[0.0], r]))
+    assert (fit.alpha, fit.beta) == pytest.approx((alpha, beta), rel=1e-6)
     noisy = r + np.random.default_rng(0).normal(0, 0.01, r.shape)
-    assert R._fit_gao(d, noisy) == pytest.approx((alpha, beta), abs=0.03)
-    assert R._fit_gao(np.array([0.0, 1.0]), np.array([0.0, 1.0])) is None
+    fit = R._fit_gao(d, noisy)
+    assert (fit.alpha, fit.beta) == pytest.approx((alpha, beta), abs=0.03)
+    assert R._fit_gao(np.array([0.0, 1.0]), np.array([0.0, 1.0])) is None  # too few points to fit
 
 
 def test_samples_table_links_and_environment(study_dir):
