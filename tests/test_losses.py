@@ -534,3 +534,21 @@ def test_low_precision_inputs_are_upcast():
     logps, old, adv, mask = (jnp.asarray(x, jnp.bfloat16) for x in ppo_inputs(16))
     loss, _ = ppo_policy_loss(logps, old, adv, mask)
     assert loss.dtype == jnp.float32
+
+
+def test_ppo_value_loss_does_not_count_unclipped_tokens_as_clipped():
+    """Every update is strictly inside ±ε, so no token is clipped. Writing the clipped value as
+    ``old + clip(v - old, ±ε)`` rounds away from ``v`` in float32 on some of these tokens (then its error
+    can exceed the unclipped one by an ulp); ``clip(v, old - ε, old + ε)`` is ``v`` exactly."""
+    rng = np.random.default_rng(0)
+    old = (3.0 * rng.normal(size=2000)).astype(np.float32)
+    values = (old + rng.uniform(-0.19, 0.19, size=2000)).astype(np.float32)
+    returns = (old + rng.normal(size=2000)).astype(np.float32)
+    # The inputs do exercise the rounding: the old formula is not v on some tokens (numpy float32).
+    assert np.any(old + np.clip(values - old, np.float32(-0.2), np.float32(0.2)) != values)
+    shape = (40, 50)
+    v, o, r = (x.reshape(shape) for x in (values, old, returns))
+    mask = np.ones(shape, np.float32)
+    loss, metrics = jax.jit(functools.partial(losses.ppo_value_loss, clip_eps=0.2))(v, o, r, mask)
+    assert float(metrics["value/clip_fraction"]) == 0.0
+    np.testing.assert_allclose(loss, 0.5 * np.mean((v.astype(np.float64) - r) ** 2), rtol=1e-5)

@@ -25,12 +25,12 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxrlhf.algos.rollout import (LM_KEYS, RLAlgorithm, advantage_metrics, aggregate, aggregate_normaliser,
+from jaxrlhf.algos.rollout import (LM_KEYS, RLAlgorithm, advantage_metrics, aggregate_normaliser,
                                    kl_controller_update, minibatch_epochs, rollout_metrics, sequence_kl,
                                    shape_scores, token_entropy, token_logps, train_rl)
 from jaxrlhf.config import GRPOConfig, RLOOConfig
 from jaxrlhf.losses import ppo_policy_loss
-from jaxrlhf.ops import grpo_advantages, kl_k3, kl_penalty, masked_whiten, rloo_advantages
+from jaxrlhf.ops import grpo_advantages, kl_k3, kl_penalty, masked_aggregate, masked_whiten, rloo_advantages
 from jaxrlhf.train_state import TrainState
 
 __all__ = ["PolicyGraphs", "policy_init_params", "grpo_experience", "rloo_experience", "critic_free_loss",
@@ -107,11 +107,11 @@ def critic_free_loss(params, mb: dict, *, graphs: PolicyGraphs, cfg, kl_coef):
                                     clip_eps_high=cfg.clip_eps_high, aggregation=cfg.aggregation)
     metrics = {k: v for k, v in metrics.items() if k != "loss"}
     if kl_coef is not None:
-        kl = aggregate(jnp.where(mask > 0, kl_k3(logps, mb["ref_logps"]), 0.0), mask, cfg.aggregation)
+        kl = masked_aggregate(jnp.where(mask > 0, kl_k3(logps, mb["ref_logps"]), 0.0), mask, cfg.aggregation)
         loss = loss + kl_coef * kl
         metrics["kl/loss_k3"] = jax.lax.stop_gradient(kl)
     logits = out.logits_BTV if cfg.entropy_coef else jax.lax.stop_gradient(out.logits_BTV)
-    ent = aggregate(token_entropy(logits, T), mask, cfg.aggregation)
+    ent = masked_aggregate(token_entropy(logits, T), mask, cfg.aggregation)
     loss = loss - cfg.entropy_coef * ent
     metrics["policy/entropy"] = jax.lax.stop_gradient(ent)
     n = aggregate_normaliser(mask, cfg.aggregation)

@@ -40,14 +40,14 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxrlhf.algos.rollout import (LM_KEYS, RLAlgorithm, advantage_metrics, aggregate, aggregate_normaliser, copy_tree,
+from jaxrlhf.algos.rollout import (LM_KEYS, RLAlgorithm, advantage_metrics, aggregate_normaliser, copy_tree,
                                    explained_variance, kl_controller_update, minibatch_epochs, per_token_rewards,
                                    rollout_metrics, sequence_kl, shape_scores, shift_values, token_entropy,
                                    token_logps, train_rl)
 from jaxrlhf.config import PPOConfig
 from jaxrlhf.losses import ppo_policy_loss, ppo_value_loss
 from jaxrlhf.models.heads import ScalarHead
-from jaxrlhf.ops import gae, kl_penalty, masked_mean, masked_whiten
+from jaxrlhf.ops import gae, kl_penalty, masked_aggregate, masked_mean, masked_whiten
 from jaxrlhf.train_state import TrainState
 
 __all__ = ["PPOGraphs", "copy_tree", "ppo_init_params", "policy_and_values", "ppo_experience", "ppo_loss", "ppo_update",
@@ -135,7 +135,7 @@ def ppo_loss(params, mb: dict, *, graphs: PPOGraphs, cfg: PPOConfig):
     vf, vf_m = ppo_value_loss(values, mb["old_values"], mb["returns"], mask, clip_eps=cfg.value_clip_eps,
                               aggregation=cfg.aggregation)
     ent_BS = token_entropy(logits if cfg.entropy_coef else jax.lax.stop_gradient(logits), T)
-    ent = aggregate(ent_BS, mask, cfg.aggregation)
+    ent = masked_aggregate(ent_BS, mask, cfg.aggregation)
     loss = pg + cfg.vf_coef * vf - cfg.entropy_coef * ent
     n = aggregate_normaliser(mask, cfg.aggregation)
     metrics = {k: v for k, v in {**pg_m, **vf_m}.items() if k != "loss"}
