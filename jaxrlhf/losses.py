@@ -27,6 +27,8 @@ __all__ = [
     "ranking_loss",
     "classification_loss",
     "dpo_loss",
+    "hinge_dpo_loss",
+    "robust_dpo_loss",
     "ipo_loss",
     "simpo_loss",
     "orpo_loss",
@@ -271,6 +273,91 @@ def dpo_loss(
     rejected_ratio = pr - as_float(reference_rejected_logps)
     logits = beta * (chosen_ratio - rejected_ratio)
     losses = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(logits) - label_smoothing * jax.nn.log_sigmoid(-logits)
+    loss = jnp.mean(losses)
+    return loss, _preference_metrics(beta * chosen_ratio, beta * rejected_ratio, pc, pr, loss)
+
+
+def hinge_dpo_loss(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    reference_chosen_logps,
+    reference_rejected_logps,
+    beta: float = 0.1,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Hinge (SLiC) preference loss on the DPO log-ratios: TRL's ``loss_type="hinge"``.
+
+    Zhao et al. 2023 ("SLiC-HF", the rank-calibration hinge ``max(0, δ - log π_c + log π_r)``) with the
+    reference-normalised log-ratios of DPO, as in TRL: with ``h = (π_c - ref_c) - (π_r - ref_r)``,
+    ``L = mean_b[max(0, 1 - β h)]``, i.e. the margin ``δ = 1/β``. The gradient is ``-β`` per pair while
+    ``β h < 1`` and 0 beyond (at the kink ``β h = 1`` it is 0).
+
+    Args:
+      policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps:
+        float ``[B]`` summed log-probs each, as in :func:`dpo_loss`.
+      beta: ``β > 0``.
+
+    Returns:
+      ``(loss, metrics)`` with the metrics of :func:`dpo_loss` (rewards ``β(π - ref)``).
+
+    Raises:
+      ValueError: shapes differ or are not ``[B]``; ``beta <= 0``.
+    """
+    _require_1d(
+        policy_chosen_logps=policy_chosen_logps,
+        policy_rejected_logps=policy_rejected_logps,
+        reference_chosen_logps=reference_chosen_logps,
+        reference_rejected_logps=reference_rejected_logps,
+    )
+    _require_positive("beta", beta)
+    pc, pr = as_float(policy_chosen_logps), as_float(policy_rejected_logps)
+    chosen_ratio = pc - as_float(reference_chosen_logps)
+    rejected_ratio = pr - as_float(reference_rejected_logps)
+    loss = jnp.mean(jax.nn.relu(1.0 - beta * (chosen_ratio - rejected_ratio)))
+    return loss, _preference_metrics(beta * chosen_ratio, beta * rejected_ratio, pc, pr, loss)
+
+
+def robust_dpo_loss(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    reference_chosen_logps,
+    reference_rejected_logps,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Robust DPO (Chowdhury et al. 2024, "Provably Robust DPO: Aligning Language Models with Noisy
+    Feedback", the de-biased loss), TRL's ``loss_type="robust"``.
+
+    An unbiased loss under preference labels flipped with known probability ``ε``: with
+    ``h = (π_c - ref_c) - (π_r - ref_r)``,
+    ``L = mean_b[(-(1 - ε) log σ(β h) + ε log σ(-β h)) / (1 - 2ε)]``. ``ε = 0`` is :func:`dpo_loss`.
+    (cDPO, the ``label_smoothing`` of :func:`dpo_loss`, instead mixes the two directions with ``+ε``.)
+
+    Args:
+      policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps:
+        float ``[B]`` summed log-probs each, as in :func:`dpo_loss`.
+      beta: ``β > 0``.
+      label_smoothing: the flip rate ``ε`` in ``[0, 0.5)``.
+
+    Returns:
+      ``(loss, metrics)`` with the metrics of :func:`dpo_loss`.
+
+    Raises:
+      ValueError: shapes differ or are not ``[B]``; ``beta <= 0``; ``ε`` outside ``[0, 0.5)``.
+    """
+    _require_1d(
+        policy_chosen_logps=policy_chosen_logps,
+        policy_rejected_logps=policy_rejected_logps,
+        reference_chosen_logps=reference_chosen_logps,
+        reference_rejected_logps=reference_rejected_logps,
+    )
+    _require_positive("beta", beta)
+    _require_label_smoothing(label_smoothing)
+    pc, pr = as_float(policy_chosen_logps), as_float(policy_rejected_logps)
+    chosen_ratio = pc - as_float(reference_chosen_logps)
+    rejected_ratio = pr - as_float(reference_rejected_logps)
+    logits = beta * (chosen_ratio - rejected_ratio)
+    eps = label_smoothing
+    losses = (-(1.0 - eps) * jax.nn.log_sigmoid(logits) + eps * jax.nn.log_sigmoid(-logits)) / (1.0 - 2.0 * eps)
     loss = jnp.mean(losses)
     return loss, _preference_metrics(beta * chosen_ratio, beta * rejected_ratio, pc, pr, loss)
 

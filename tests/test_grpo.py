@@ -29,8 +29,9 @@ V, EOS, TARGET, G, B, P = 16, 1, 3, 4, 8, 5
 MODEL = ModelConfig(family="llama", vocab_size=V, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                     num_kv_heads=2, max_position_embeddings=32)
 ROLLOUT = C.RolloutConfig(max_new_tokens=8, num_completions=G)
-GRPO_CFG = C.GRPOConfig(rollout=ROLLOUT, beta=0.05, epochs=2, num_minibatches=2)
-RLOO_CFG = C.RLOOConfig(rollout=ROLLOUT, kl=C.KLConfig(coef=0.05), epochs=2, num_minibatches=2)
+GRPO_CFG = C.GRPOConfig(rollout=ROLLOUT, beta=0.05, update=C.UpdateConfig(epochs=2, num_minibatches=2,
+                                                                         aggregation="sequence"))
+RLOO_CFG = C.RLOOConfig(rollout=ROLLOUT, kl=C.KLConfig(coef=0.05), update=C.UpdateConfig(epochs=2, num_minibatches=2))
 REWARD = count_token(TARGET)
 
 
@@ -168,8 +169,7 @@ def test_grpo_kl_loss_term(grpo_setup, model):
 
 
 def test_group_configs_validate():
-    base = C.ExperimentConfig(algo=GRPO_CFG)
-    base.data.source, base.data.max_length, base.data.max_prompt_length = "x", 16, 8
+    base = C.ExperimentConfig(algo=GRPO_CFG, data=C.DataConfig(source="x", max_length=16, max_prompt_length=8))
     C.validate(base)
     for algo in (dataclasses.replace(GRPO_CFG, rollout=C.RolloutConfig(max_new_tokens=8, num_completions=1)),
                  dataclasses.replace(RLOO_CFG, rollout=C.RolloutConfig(max_new_tokens=8, num_completions=1))):

@@ -552,3 +552,44 @@ def test_ppo_value_loss_does_not_count_unclipped_tokens_as_clipped():
     loss, metrics = jax.jit(functools.partial(losses.ppo_value_loss, clip_eps=0.2))(v, o, r, mask)
     assert float(metrics["value/clip_fraction"]) == 0.0
     np.testing.assert_allclose(loss, 0.5 * np.mean((v.astype(np.float64) - r) ** 2), rtol=1e-5)
+
+
+def np_hinge_dpo(pc, pr, rc, rr, beta):
+    h = (np.asarray(pc, np.float64) - rc) - (np.asarray(pr, np.float64) - rr)
+    return np.mean(np.maximum(0.0, 1.0 - beta * h))
+
+
+def test_hinge_dpo_loss():
+    """TRL's hinge: relu(1 - β h). Inputs on both sides of the kink; the gradient is -β/B per pair with
+    β h < 1 and 0 past the margin (finite differences away from the kink)."""
+    pc, pr, rc, rr = pref_inputs(20, B=8)
+    beta = 0.5
+    fn = functools.partial(losses.hinge_dpo_loss, beta=beta)
+    h = (pc.astype(np.float64) - rc) - (pr - rr)
+    assert np.any(beta * h > 1) and np.any(beta * h < 1) and np.min(np.abs(beta * h - 1)) > 1e-3
+    loss, metrics = jax.jit(fn)(pc, pr, rc, rr)
+    np.testing.assert_allclose(loss, np_hinge_dpo(pc, pr, rc, rr, beta), rtol=1e-5)
+    assert_metrics_scalar(metrics)
+    np.testing.assert_allclose(metrics["rewards/margin"], np.mean(beta * h), rtol=1e-4, atol=1e-5)
+    check_grad(fn, lambda *a: np_hinge_dpo(*a, beta), (pc, pr, rc, rr), (0, 1), atol=1e-5)
+    with pytest.raises(ValueError, match="beta"):
+        losses.hinge_dpo_loss(pc, pr, rc, rr, beta=0.0)
+
+
+def np_robust_dpo(pc, pr, rc, rr, beta, eps):
+    h = beta * ((np.asarray(pc, np.float64) - rc) - (np.asarray(pr, np.float64) - rr))
+    return np.mean((-(1 - eps) * np_logsig(h) + eps * np_logsig(-h)) / (1 - 2 * eps))
+
+
+@pytest.mark.parametrize("beta,eps", [(0.1, 0.0), (0.5, 0.2), (0.3, 0.45)])
+def test_robust_dpo_loss(beta, eps):
+    pc, pr, rc, rr = pref_inputs(21)
+    fn = functools.partial(losses.robust_dpo_loss, beta=beta, label_smoothing=eps)
+    loss, metrics = jax.jit(fn)(pc, pr, rc, rr)
+    np.testing.assert_allclose(loss, np_robust_dpo(pc, pr, rc, rr, beta, eps), rtol=1e-5)
+    assert_metrics_scalar(metrics)
+    check_grad(fn, lambda *a: np_robust_dpo(*a, beta, eps), (pc, pr, rc, rr), (0, 1))
+    if eps == 0.0:  # no flips: plain DPO
+        np.testing.assert_allclose(loss, np_dpo(pc, pr, rc, rr, beta, 0.0), rtol=1e-5)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        losses.robust_dpo_loss(pc, pr, rc, rr, label_smoothing=0.5)
