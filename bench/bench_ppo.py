@@ -75,9 +75,9 @@ def bench_jax(kind: str, texts: list[str], warmup: int, repeats: int) -> dict:
     G = 1 if kind == "ppo" else GROUP
     rollout = C.RolloutConfig(max_new_tokens=NEW_TOKENS, num_completions=G)
     if kind == "ppo":
-        algo, cfg = ppo.PPO, C.PPOConfig(rollout=rollout, epochs=1, num_minibatches=1)
+        algo, cfg = ppo.PPO, C.PPOConfig(rollout=rollout, update=C.UpdateConfig(epochs=1, whiten_advantages=True))
     else:
-        algo, cfg = grpo.RLOO, C.RLOOConfig(rollout=rollout, epochs=1, num_minibatches=1)
+        algo, cfg = grpo.RLOO, C.RLOOConfig(rollout=rollout, update=C.UpdateConfig(epochs=1))
     mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
     tx = make_optimizer(C.OptimConfig(lr=1e-6, schedule="constant"), 1000)
     params, graphs = algo.init_params(ppo.copy_tree(policy.params), policy.graphdef, policy.model_cfg, cfg,

@@ -10,6 +10,8 @@ sentiment reward:
     rewards = score_texts(rm, tok, ["What a wonderful film", "Dull and far too long"])
 """
 
+import dataclasses
+
 from configs.assets import IMDB_TEST, IMDB_TRAIN
 from jaxrlhf.config import DataConfig, ExperimentConfig, ModelSpec, OptimConfig, RewardConfig, TrainConfig
 
@@ -26,10 +28,11 @@ def get_config(arg=None) -> ExperimentConfig:
                           normalize_examples=512, eval_source=IMDB_TEST(), eval_split="test"),
     )
     if arg == "full":
-        cfg.name = "classifier_imdb_minilm_full"
-        cfg.data.max_length, cfg.data.batch_size, cfg.data.eval_size = 512, 32, 0  # all 2500 test reviews
-        cfg.train.steps, cfg.train.save_every = 400, 200  # ~5 epochs of 2500 reviews
-        cfg.algo.normalize_examples = 2500
+        cfg = dataclasses.replace(
+            cfg, name="classifier_imdb_minilm_full",
+            data=dataclasses.replace(cfg.data, max_length=512, batch_size=32, eval_size=0),  # all 2500 test reviews
+            train=dataclasses.replace(cfg.train, steps=400, save_every=200),  # ~5 epochs of 2500 reviews
+            algo=dataclasses.replace(cfg.algo, normalize_examples=2500))
     elif arg not in (None, ""):
         raise ValueError(f"unknown --arg {arg!r}; use 'full' or nothing")
     return cfg

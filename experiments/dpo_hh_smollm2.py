@@ -8,6 +8,8 @@ margin. The reference is the initial policy. Default size is for the project's 2
     jaxrlhf run experiments/dpo_hh_smollm2.py --config.algo.beta=0.3 --config.algo.loss=ipo
 """
 
+import dataclasses
+
 from configs.assets import HH_RLHF_HARMLESS
 from configs.models import smollm2_135m
 from jaxrlhf.config import DataConfig, DPOConfig, ExperimentConfig, OptimConfig, TrainConfig
@@ -20,15 +22,17 @@ def get_config(arg=None) -> ExperimentConfig:
         optim=OptimConfig(lr=1e-5, warmup_steps=2, schedule="cosine", weight_decay=0.0, max_grad_norm=10.0),
         data=DataConfig(source=HH_RLHF_HARMLESS(), split="test", batch_size=8, max_length=128,
                         max_prompt_length=64, eval_size=312, seed=0),
-        train=TrainConfig(steps=32, log_every=1, eval_every=0, save_every=32, num_samples=2, max_new_tokens=32),
+        train=TrainConfig(steps=32, log_every=1, eval_every=0, save_every=32, num_samples=2,
+                          sample_max_new_tokens=32),
         algo=DPOConfig(loss="dpo", beta=0.1, reference="model"),
     )
     if arg == "full":
-        cfg.name = "dpo_hh_smollm2_full"
-        cfg.data.max_length, cfg.data.max_prompt_length, cfg.data.batch_size = 512, 256, 32
-        cfg.optim.lr, cfg.optim.warmup_steps = 5e-7, 10
-        cfg.train.steps, cfg.train.eval_every, cfg.train.save_every = 125, 25, 125  # 2 epochs of 2000 pairs
-        cfg.algo.reference = "precomputed"
+        cfg = dataclasses.replace(
+            cfg, name="dpo_hh_smollm2_full",
+            data=dataclasses.replace(cfg.data, max_length=512, max_prompt_length=256, batch_size=32),
+            optim=dataclasses.replace(cfg.optim, lr=5e-7, warmup_steps=10),
+            train=dataclasses.replace(cfg.train, steps=125, eval_every=25, save_every=125),  # 2 epochs of 2000 pairs
+            algo=dataclasses.replace(cfg.algo, reference="precomputed"))
     elif arg not in (None, ""):
         raise ValueError(f"unknown --arg {arg!r}; use 'full' or nothing")
     return cfg

@@ -5,9 +5,12 @@
 KL to the reference as a k3 loss term (β = 0.04). ``--arg full``: 32 prompts x 8 completions x 48 tokens.
 """
 
+import dataclasses
+
 from configs.assets import IMDB_TRAIN
 from configs.models import smollm2_135m
-from jaxrlhf.config import DataConfig, ExperimentConfig, GRPOConfig, OptimConfig, RewardSpec, RolloutConfig, TrainConfig
+from jaxrlhf.config import (DataConfig, ExperimentConfig, GRPOConfig, OptimConfig, RewardSpec, RolloutConfig,
+                            TrainConfig, UpdateConfig)
 
 SENTIMENT = RewardSpec(functions=("jaxrlhf.rewards:vader_sentiment",))
 
@@ -21,16 +24,16 @@ def get_config(arg=None) -> ExperimentConfig:
                         eval_size=16, limit=600, use_chat_template=False, seed=0),
         train=TrainConfig(steps=12, log_every=1, save_every=12, num_samples=4),
         algo=GRPOConfig(rollout=RolloutConfig(max_new_tokens=32, num_completions=4), reward=SENTIMENT, beta=0.04,
-                        epochs=2, num_minibatches=1),
+                        update=UpdateConfig(epochs=2, num_minibatches=1, aggregation="sequence")),
     )
     if arg == "full":
-        cfg.name = "grpo_imdb_smollm2_full"
-        cfg.model = smollm2_135m(dtype="bfloat16")
-        cfg.optim.lr = 1e-5
-        cfg.data.batch_size, cfg.data.max_length, cfg.data.eval_size, cfg.data.limit = 32, 64, 128, 0
-        cfg.train.steps, cfg.train.save_every, cfg.train.log_every = 200, 50, 5
-        cfg.algo = GRPOConfig(rollout=RolloutConfig(max_new_tokens=48, num_completions=8), reward=SENTIMENT,
-                              beta=0.04, epochs=2, num_minibatches=4)
+        cfg = dataclasses.replace(
+            cfg, name="grpo_imdb_smollm2_full", model=smollm2_135m(dtype="bfloat16"),
+            optim=dataclasses.replace(cfg.optim, lr=1e-5),
+            data=dataclasses.replace(cfg.data, batch_size=32, max_length=64, eval_size=128, limit=0),
+            train=dataclasses.replace(cfg.train, steps=200, save_every=50, log_every=5),
+            algo=GRPOConfig(rollout=RolloutConfig(max_new_tokens=48, num_completions=8), reward=SENTIMENT, beta=0.04,
+                            update=UpdateConfig(epochs=2, num_minibatches=4, aggregation="sequence")))
     elif arg not in (None, ""):
         raise ValueError(f"unknown --arg {arg!r}; use 'full' or nothing")
     return cfg

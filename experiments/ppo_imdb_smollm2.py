@@ -26,7 +26,7 @@ import pathlib
 from configs.assets import IMDB_TRAIN
 from configs.models import smollm2_135m
 from jaxrlhf.config import (DataConfig, ExperimentConfig, KLConfig, OptimConfig, PPOConfig, RewardSpec,
-                            RolloutConfig, TrainConfig)
+                            RolloutConfig, TrainConfig, UpdateConfig)
 
 SENTIMENT = RewardSpec(functions=("jaxrlhf.rewards:vader_sentiment",))
 CLASSIFIER = pathlib.Path(__file__).resolve().parents[1] / "runs" / "classifier_imdb_minilm" / "reward_model"
@@ -42,21 +42,22 @@ def get_config(arg=None) -> ExperimentConfig:
         train=TrainConfig(steps=12, log_every=1, save_every=12, num_samples=4),
         algo=PPOConfig(rollout=RolloutConfig(max_new_tokens=32, temperature=1.0),
                        reward=SENTIMENT, kl=KLConfig(coef=0.05, estimator="k1"),
-                       critic="separate", epochs=4, num_minibatches=1, vf_coef=0.1),
+                       critic="separate", vf_coef=0.1,
+                       update=UpdateConfig(epochs=4, num_minibatches=1, whiten_advantages=True)),
     )
     parts = set((arg or "").split("+")) - {""}
     if parts - {"full", "classifier"}:
         raise ValueError(f"unknown --arg {arg!r}; use 'full', 'classifier', 'full+classifier' or nothing")
     if "full" in parts:
-        cfg.name = "ppo_imdb_smollm2_full"
-        cfg.model = smollm2_135m(dtype="bfloat16")
-        cfg.optim.lr = 1.4e-5
-        cfg.data.batch_size, cfg.data.max_length, cfg.data.eval_size, cfg.data.limit = 64, 64, 128, 0
-        cfg.train.steps, cfg.train.save_every, cfg.train.log_every = 200, 50, 5
-        cfg.algo = PPOConfig(rollout=RolloutConfig(max_new_tokens=48), reward=SENTIMENT,
-                             kl=KLConfig(coef=0.05, controller="adaptive", target=6.0, horizon=10000.0),
-                             epochs=4, num_minibatches=4, vf_coef=0.1)
+        cfg = dataclasses.replace(
+            cfg, name="ppo_imdb_smollm2_full", model=smollm2_135m(dtype="bfloat16"),
+            optim=dataclasses.replace(cfg.optim, lr=1.4e-5),
+            data=dataclasses.replace(cfg.data, batch_size=64, max_length=64, eval_size=128, limit=0),
+            train=dataclasses.replace(cfg.train, steps=200, save_every=50, log_every=5),
+            algo=PPOConfig(rollout=RolloutConfig(max_new_tokens=48), reward=SENTIMENT,
+                           kl=KLConfig(coef=0.05, controller="adaptive", target=6.0, horizon=10000.0), vf_coef=0.1,
+                           update=UpdateConfig(epochs=4, num_minibatches=4, whiten_advantages=True)))
     if "classifier" in parts:
-        cfg.name += "_classifier"
-        cfg.algo = dataclasses.replace(cfg.algo, reward=RewardSpec(reward_model=str(CLASSIFIER)))
+        cfg = dataclasses.replace(cfg, name=cfg.name + "_classifier",
+                                  algo=dataclasses.replace(cfg.algo, reward=RewardSpec(reward_model=str(CLASSIFIER))))
     return cfg

@@ -9,6 +9,8 @@ as a Hugging Face folder + head + normalisation stats) is exported to ``runs/<na
 with ``jaxrlhf.models.reward_model.load_reward_model``.
 """
 
+import dataclasses
+
 from configs.assets import HH_RLHF_HARMLESS
 from configs.models import smollm2_135m
 from jaxrlhf.config import DataConfig, ExperimentConfig, OptimConfig, RewardConfig, TrainConfig
@@ -25,11 +27,12 @@ def get_config(arg=None) -> ExperimentConfig:
         algo=RewardConfig(objective="pairwise", center_rewards_coef=0.01, normalize_examples=64),
     )
     if arg == "full":
-        cfg.name = "reward_hh_smollm2_full"
-        cfg.data.max_length, cfg.data.max_prompt_length, cfg.data.batch_size = 384, 256, 32
-        cfg.optim.lr, cfg.optim.warmup_steps = 1e-5, 10
-        cfg.train.steps, cfg.train.eval_every, cfg.train.save_every = 125, 25, 125  # 2 epochs of 2000 pairs
-        cfg.algo.normalize_examples = 2000
+        cfg = dataclasses.replace(
+            cfg, name="reward_hh_smollm2_full",
+            data=dataclasses.replace(cfg.data, max_length=384, max_prompt_length=256, batch_size=32),
+            optim=dataclasses.replace(cfg.optim, lr=1e-5, warmup_steps=10),
+            train=dataclasses.replace(cfg.train, steps=125, eval_every=25, save_every=125),  # 2 epochs of 2000 pairs
+            algo=dataclasses.replace(cfg.algo, normalize_examples=2000))
     elif arg not in (None, ""):
         raise ValueError(f"unknown --arg {arg!r}; use 'full' or nothing")
     return cfg

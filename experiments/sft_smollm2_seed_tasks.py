@@ -4,6 +4,8 @@ The README's main job. Default size finishes in a few minutes on a 2-core CPU; `
 accelerator-sized variant (longer sequences, all instances, more steps).
 """
 
+import dataclasses
+
 from configs.assets import SELF_INSTRUCT_SEED
 from configs.models import smollm2_135m
 from jaxrlhf.config import DataConfig, ExperimentConfig, OptimConfig, SFTConfig, TrainConfig
@@ -17,13 +19,14 @@ def get_config(arg=None) -> ExperimentConfig:
         data=DataConfig(source=SELF_INSTRUCT_SEED(), batch_size=8, max_length=160, max_prompt_length=96,
                         eval_size=16, seed=0),
         train=TrainConfig(steps=24, log_every=1, eval_every=12, save_every=12, num_samples=3,
-                          max_new_tokens=40),
+                          sample_max_new_tokens=40),
         algo=SFTConfig(),
     )
     if arg == "full":
-        cfg.name = "sft_smollm2_seed_tasks_full"
-        cfg.data.max_length, cfg.data.max_prompt_length, cfg.data.batch_size = 512, 256, 32
-        cfg.train.steps, cfg.train.eval_every, cfg.train.save_every = 200, 50, 100
+        cfg = dataclasses.replace(
+            cfg, name="sft_smollm2_seed_tasks_full",
+            data=dataclasses.replace(cfg.data, max_length=512, max_prompt_length=256, batch_size=32),
+            train=dataclasses.replace(cfg.train, steps=200, eval_every=50, save_every=100))
     elif arg not in (None, ""):
         raise ValueError(f"unknown --arg {arg!r}; use 'full' or nothing")
     return cfg

@@ -1,10 +1,16 @@
-"""Typed experiment configuration: dataclasses, dotted command-line overrides, validation.
+"""Typed experiment configuration: frozen dataclasses, dotted command-line overrides, validation.
 
 An experiment is a Python file exposing ``get_config(arg=None) -> ExperimentConfig`` (and optionally
 ``sweep() -> list[dict[str, str]]`` of overrides). Blocks that several experiments share live in
-``configs/``. Overrides use dotted paths: ``--config.optim.lr=1e-5``, ``--config.algo.beta=0.3``.
-Every value is parsed against the dataclass field's type, and a bad path or value raises
-``ConfigError`` naming the field before any compute is spent.
+``configs/``. Every section is a frozen, keyword-only dataclass: experiments derive variants with
+``dataclasses.replace``. Overrides use dotted paths: ``--config.optim.lr=1e-5``, ``--config.algo.beta=0.3``,
+``--config.algo.update.epochs=2``; :func:`apply_override` returns a new config. Every value is parsed
+against the dataclass field's type, and a bad path or value raises ``ConfigError`` naming the field
+before any compute is spent.
+
+``ExperimentConfig.algo`` is one of the algorithm configs (:data:`AlgoConfig`); the driver is chosen by
+its type. Each algorithm config has ``validate(cfg)`` and a read-only ``kind`` (the algorithm's name,
+written to ``runs/<name>/config.json``; it cannot be set).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import types
 import typing
 from typing import Any, Literal, Union
 
+from jaxrlhf.algos.dpo_losses import PREFERENCE_LOSSES
 from jaxrlhf.sharding import MeshConfig
 
 
@@ -25,7 +32,20 @@ class ConfigError(ValueError):
     """A malformed configuration or override; the message names the field and the fix."""
 
 
-@dataclasses.dataclass
+def _check(ok: bool, field: str, msg: str) -> None:
+    """Raise ``ConfigError("<field> <msg>")`` unless ``ok`` (the one validation helper of this module)."""
+    if not ok:
+        raise ConfigError(f"{field} {msg}")
+
+
+def _kind(name: str) -> Any:
+    """The read-only ``kind`` field of an algorithm config (not an ``__init__`` argument, not overridable)."""
+    return dataclasses.field(default=name, init=False)
+
+
+# ============================================================================================ sections
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelSpec:
     """Which model to start from.
 
@@ -42,7 +62,7 @@ class ModelSpec:
     allow_pickle: bool = False
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class OptimConfig:
     """AdamW (Loshchilov & Hutter 2019) with warmup, a decay schedule and global-norm clipping.
 
@@ -62,7 +82,7 @@ class OptimConfig:
     grad_accum_steps: int = 1
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class DataConfig:
     """Where the examples come from and how they become fixed-shape batches.
 
@@ -92,9 +112,16 @@ class DataConfig:
     seed: int = 0
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """The host loop: how long, how often to log, evaluate, sample and checkpoint."""
+    """The host loop: how long, how often to log, evaluate, sample and checkpoint.
+
+    Attributes:
+      num_samples / sample_max_new_tokens: the before/after samples written to the run directory: how
+        many prompts, and how many tokens each completion may have (the RL rollout's own length is
+        ``algo.rollout.max_new_tokens``).
+      stop_after: end the process after this step (as a preemption would); 0 = run to ``steps``.
+    """
 
     steps: int = 100
     seed: int = 0
@@ -103,219 +130,32 @@ class TrainConfig:
     save_every: int = 0
     keep_checkpoints: int = 2
     num_samples: int = 4
-    max_new_tokens: int = 48
+    sample_max_new_tokens: int = 48
     run_dir: str = "runs"
-    stop_after: int = 0  # end the process after this step (as a preemption would); 0 = run to `steps`
+    stop_after: int = 0
 
 
-@dataclasses.dataclass
+# ============================================================================================ SFT
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class SFTConfig:
-    """Supervised fine-tuning: next-token cross-entropy on completion tokens only."""
+    """Supervised fine-tuning (``jaxrlhf.algos.sft``): next-token cross-entropy on completion tokens only.
 
-    kind: Literal["sft"] = "sft"
+    Attributes:
+      label_smoothing: ``ε`` in [0, 1) (target ``(1-ε)·onehot + ε·uniform``).
+    """
+
+    kind: str = _kind("sft")
     label_smoothing: float = 0.0
 
-
-@dataclasses.dataclass
-class ExperimentConfig:
-    """A whole run. ``algo`` is one algorithm's config dataclass (its ``kind`` selects the driver)."""
-
-    name: str = "experiment"
-    model: ModelSpec = dataclasses.field(default_factory=ModelSpec)
-    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
-    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    algo: Any = dataclasses.field(default_factory=SFTConfig)
+    def validate(self, cfg: ExperimentConfig) -> None:
+        """Raise ConfigError naming the field when the SFT settings are invalid."""
+        _check(0 <= self.label_smoothing < 1, "algo.label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
 
 
-# ----------------------------------------------------------------------------------------- overrides
+# ============================================================================================ preference learning
 
-def _parse_value(text: str, tp: Any, field: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return _auto(text)
-    if origin in (Union, types.UnionType):
-        if text.lower() in ("none", "null") and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _parse_value(text, a, field)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"--config.{field}={text!r}: not a valid {tp}")
-    if origin is Literal:
-        for a in args:
-            if str(a) == text:
-                return a
-        raise ConfigError(f"--config.{field}={text!r}: must be one of {list(args)}")
-    if origin is tuple:
-        items = [t for t in text.strip("()[]").split(",") if t.strip()]
-        inner = args[0] if args else str
-        return tuple(_parse_value(t.strip(), inner, field) for t in items)
-    if tp is bool:
-        if text.lower() in ("true", "1", "yes"):
-            return True
-        if text.lower() in ("false", "0", "no"):
-            return False
-        raise ConfigError(f"--config.{field}={text!r}: expected true or false")
-    if tp is int:
-        try:
-            return int(text)
-        except ValueError:
-            raise ConfigError(f"--config.{field}={text!r}: expected an integer") from None
-    if tp is float:
-        try:
-            return float(text)
-        except ValueError:
-            raise ConfigError(f"--config.{field}={text!r}: expected a number") from None
-    if tp is str:
-        return text
-    raise ConfigError(f"--config.{field}: cannot override a field of type {tp} from the command line")
-
-
-def _auto(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def apply_override(cfg: Any, dotted: str, text: str) -> None:
-    """Set ``cfg.<dotted> = parse(text)`` in place, typed by the dataclass field.
-
-    Frozen sections (e.g. ``MeshConfig``) are replaced by an updated copy in their parent.
-
-    Raises:
-      ConfigError: an unknown field (the message lists the valid ones) or a value of the wrong type.
-    """
-    parts = dotted.split(".")
-    chain = [cfg]
-    for i, name in enumerate(parts):
-        obj = chain[-1]
-        if not dataclasses.is_dataclass(obj):
-            raise ConfigError(f"--config.{'.'.join(parts[:i])} is not a config section; cannot set {dotted}")
-        fields = {f.name: f for f in dataclasses.fields(obj)}
-        if name not in fields:
-            where = ".".join(parts[:i]) or "config"
-            raise ConfigError(f"--config.{dotted}: {where} has no field {name!r}; valid fields: {sorted(fields)}")
-        if i < len(parts) - 1:
-            chain.append(getattr(obj, name))
-    leaf_name = parts[-1]
-    obj = chain[-1]
-    hints = typing.get_type_hints(type(obj))
-    value = _parse_value(text, hints[leaf_name], dotted)
-    if dataclasses.is_dataclass(getattr(obj, leaf_name)) and not dataclasses.is_dataclass(value):
-        raise ConfigError(f"--config.{dotted} is a section; set one of its fields instead")
-    # Write back up the chain; a frozen section is replaced by an updated copy in its parent.
-    for depth in reversed(range(len(chain))):
-        node, key = chain[depth], parts[depth]
-        if getattr(type(node), "__dataclass_params__").frozen:
-            value = dataclasses.replace(node, **{key: value})
-            continue
-        setattr(node, key, value)
-        return
-    raise ConfigError(f"--config.{dotted}: the top-level config is frozen")
-
-
-def parse_overrides(argv: list[str]) -> list[tuple[str, str]]:
-    """``["--config.a.b=1", ...]`` -> ``[("a.b", "1"), ...]``; raises ConfigError on any other flag."""
-    out = []
-    for arg in argv:
-        if not arg.startswith("--config.") or "=" not in arg:
-            raise ConfigError(f"unrecognised argument {arg!r}; overrides look like --config.optim.lr=1e-5")
-        key, value = arg[len("--config."):].split("=", 1)
-        out.append((key, value))
-    return out
-
-
-# ----------------------------------------------------------------------------------------- loading
-
-def load_experiment_module(path: str | pathlib.Path) -> types.ModuleType:
-    """Import an experiment file by path (it must define ``get_config``)."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise ConfigError(f"experiment file {str(path)!r} does not exist")
-    # Experiments import reusable blocks from the sibling ``configs/`` package of their repository.
-    root = str(path.resolve().parents[1])
-    if (path.resolve().parents[1] / "configs").is_dir() and root not in sys.path:
-        sys.path.insert(0, root)
-    spec = importlib.util.spec_from_file_location(f"jaxrlhf_experiment_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"{path} must define get_config(arg=None) -> ExperimentConfig")
-    return module
-
-
-def load_config(path: str | pathlib.Path, overrides: list[str] | None = None, arg: str | None = None
-                ) -> ExperimentConfig:
-    """Load ``get_config(arg)`` from an experiment file, apply overrides, validate."""
-    cfg = load_experiment_module(path).get_config(arg)
-    for key, value in parse_overrides(overrides or []):
-        apply_override(cfg, key, value)
-    validate(cfg)
-    return cfg
-
-
-def validate(cfg: ExperimentConfig, num_devices: int | None = None) -> None:
-    """Check a config before any compute. Raises ConfigError naming the field and the fix."""
-    if not isinstance(cfg, ExperimentConfig):
-        raise ConfigError(f"get_config() must return an ExperimentConfig, got {type(cfg).__name__}")
-    o, d, t = cfg.optim, cfg.data, cfg.train
-    checks = [
-        (o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}"),
-        (o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}"),
-        (o.grad_accum_steps >= 1, "optim.grad_accum_steps", f"must be >= 1, got {o.grad_accum_steps}"),
-        (o.max_grad_norm >= 0, "optim.max_grad_norm", "must be >= 0 (0 disables clipping)"),
-        (0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]"),
-        (d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}"),
-        (d.batch_size % o.grad_accum_steps == 0, "data.batch_size",
-         f"{d.batch_size} is not divisible by optim.grad_accum_steps={o.grad_accum_steps}"),
-        (d.max_length >= 2, "data.max_length", f"must be >= 2, got {d.max_length}"),
-        (0 < d.max_prompt_length < d.max_length, "data.max_prompt_length",
-         f"must be in (0, data.max_length={d.max_length}), got {d.max_prompt_length}"),
-        (bool(d.source), "data.source", "is empty; give a file, folder, hub id or tfds:NAME"),
-        (t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}"),
-        (cfg.model.dtype in ("float32", "bfloat16"), "model.dtype", "must be float32 or bfloat16"),
-        (cfg.model.remat in ("none", "block"), "model.remat", "must be none or block"),
-    ]
-    for ok, field, msg in checks:
-        if not ok:
-            raise ConfigError(f"{field} {msg}")
-    if num_devices is not None:
-        shape = cfg.mesh.shape(num_devices)
-        n = shape[0] * shape[1]
-        micro = d.batch_size // o.grad_accum_steps
-        if micro % n:
-            raise ConfigError(
-                f"data.batch_size={d.batch_size} (micro-batch {micro} after optim.grad_accum_steps="
-                f"{o.grad_accum_steps}) is not divisible by mesh data*fsdp={n}; use a multiple of {n}")
-    algo_validate = getattr(cfg.algo, "validate", None)
-    if algo_validate is not None:
-        algo_validate(cfg)
-
-
-def to_dict(cfg: Any) -> dict:
-    """JSON-ready dict of a config (for ``runs/<name>/config.json``)."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-
-
-# ============================================================================================
-# Preference learning: reward models and the DPO family (owned by jaxrlhf/algos/{reward,dpo}.py).
-# ============================================================================================
-
-def _check(ok: bool, field: str, msg: str) -> None:
-    if not ok:
-        raise ConfigError(f"{field} {msg}")
-
-
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class RewardConfig:
     """Reward model training (``jaxrlhf.algos.reward``): backbone (decoder or encoder) + head.
 
@@ -340,7 +180,7 @@ class RewardConfig:
       export: write the trained model to ``runs/<name>/reward_model`` (:func:`save_reward_model`).
     """
 
-    kind: Literal["reward"] = "reward"
+    kind: str = _kind("reward")
     objective: Literal["pairwise", "ranking", "classification"] = "pairwise"
     margin: float = 0.0
     center_rewards_coef: float = 0.0
@@ -353,7 +193,7 @@ class RewardConfig:
     eval_split: str = "test"
     export: bool = True
 
-    def validate(self, cfg: "ExperimentConfig") -> None:
+    def validate(self, cfg: ExperimentConfig) -> None:
         """Raise ConfigError naming the field when the reward settings are inconsistent."""
         _check(self.objective in ("pairwise", "ranking", "classification"), "algo.objective",
                f"must be pairwise, ranking or classification, got {self.objective!r}")
@@ -377,18 +217,20 @@ class RewardConfig:
         _check(cfg.data.eval_size >= 0, "data.eval_size", f"must be >= 0, got {cfg.data.eval_size}")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class DPOConfig:
     """Direct preference optimisation family (``jaxrlhf.algos.dpo``), one step for every loss.
 
     Attributes:
-      loss: ``dpo`` (Rafailov et al. 2023; with ``label_smoothing > 0`` it is cDPO), ``ipo`` (Azar et al.
-        2023, length-averaged log-probs as in TRL), ``simpo`` (Meng et al. 2024, length-normalised,
-        reference-free), ``orpo`` (Hong et al. 2024, NLL on chosen + odds ratio, reference-free) or ``kto``
-        (Ethayarajh et al. 2024: unpaired examples; each preference pair gives one desirable and one
-        undesirable example; KL reference point from mismatched prompt/completion pairs).
-      beta: ``β`` (DPO/IPO/SimPO/KTO temperature; ORPO's ``λ``).
-      label_smoothing: ``ε`` of cDPO / SimPO, in [0, 0.5).
+      loss: a name of :data:`jaxrlhf.algos.dpo_losses.PREFERENCE_LOSSES` (which describes each loss:
+        its function, reference or not, summed or length-normalised log-probs): ``dpo`` (Rafailov et al.
+        2023; with ``label_smoothing > 0`` it is cDPO), ``ipo`` (Azar et al. 2023, length-averaged as in
+        TRL), ``hinge`` (SLiC hinge on DPO log-ratios, TRL), ``robust`` (Chowdhury et al. 2024, TRL),
+        ``simpo`` (Meng et al. 2024, length-normalised, reference-free), ``orpo`` (Hong et al. 2024,
+        reference-free) or ``kto`` (Ethayarajh et al. 2024: unpaired examples; each preference pair gives
+        one desirable and one undesirable example; KL reference point from mismatched pairs).
+      beta: ``β`` (DPO/IPO/hinge/robust/SimPO/KTO temperature; ORPO's ``λ``).
+      label_smoothing: ``ε`` in [0, 0.5) of the losses that read it (cDPO, robust DPO's flip rate, SimPO).
       simpo_gamma_beta_ratio: SimPO's ``γ/β``.
       kto_desirable_weight, kto_undesirable_weight: KTO's ``λ_D``, ``λ_U``.
       reference: ``model`` (reference log-probs computed in the step from frozen reference params) or
@@ -398,8 +240,8 @@ class DPOConfig:
         policy).
     """
 
-    kind: Literal["dpo"] = "dpo"
-    loss: Literal["dpo", "ipo", "simpo", "orpo", "kto"] = "dpo"
+    kind: str = _kind("dpo")
+    loss: str = "dpo"
     beta: float = 0.1
     label_smoothing: float = 0.0
     simpo_gamma_beta_ratio: float = 0.5
@@ -410,42 +252,36 @@ class DPOConfig:
 
     @property
     def uses_reference(self) -> bool:
-        """SimPO and ORPO are reference-free; the others need reference log-probs."""
-        return self.loss not in ("simpo", "orpo")
+        """Whether ``loss`` needs reference log-probs (from :data:`PREFERENCE_LOSSES`)."""
+        return PREFERENCE_LOSSES[self.loss].uses_reference
 
-    def validate(self, cfg: "ExperimentConfig") -> None:
+    def validate(self, cfg: ExperimentConfig) -> None:
         """Raise ConfigError naming the field when the DPO settings are inconsistent."""
-        _check(self.loss in ("dpo", "ipo", "simpo", "orpo", "kto"), "algo.loss",
-               f"must be dpo, ipo, simpo, orpo or kto, got {self.loss!r}")
+        _check(self.loss in PREFERENCE_LOSSES, "algo.loss",
+               f"must be one of {sorted(PREFERENCE_LOSSES)}, got {self.loss!r}")
+        entry = PREFERENCE_LOSSES[self.loss]
         _check(self.beta > 0, "algo.beta", f"must be > 0, got {self.beta}")
         _check(0 <= self.label_smoothing < 0.5, "algo.label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
-        if self.loss not in ("dpo", "simpo"):
+        if not entry.label_smoothing:
+            takes = sorted(n for n, e in PREFERENCE_LOSSES.items() if e.label_smoothing)
             _check(self.label_smoothing == 0, "algo.label_smoothing",
-                   f"applies to loss='dpo' (cDPO) and 'simpo' only, not {self.loss!r}; set it to 0")
+                   f"applies to loss in {takes} only, not {self.loss!r}; set it to 0")
         _check(self.simpo_gamma_beta_ratio >= 0, "algo.simpo_gamma_beta_ratio", "must be >= 0")
         _check(self.kto_desirable_weight > 0, "algo.kto_desirable_weight", "must be > 0")
         _check(self.kto_undesirable_weight > 0, "algo.kto_undesirable_weight", "must be > 0")
         _check(self.reference in ("model", "precomputed"), "algo.reference",
                f"must be model or precomputed, got {self.reference!r}")
         _check(cfg.data.eval_size >= 0, "data.eval_size", f"must be >= 0, got {cfg.data.eval_size}")
-        if self.loss == "kto":
+        if entry.unpaired:
             _check(cfg.data.batch_size >= 2, "data.batch_size",
-                   "must be >= 2 for KTO (the KL reference point needs mismatched pairs)")
+                   f"must be >= 2 for loss={self.loss!r} (the KL reference point needs mismatched pairs)")
 
 
-# ================================================================================================
-# RL from feedback (PPO, GRPO, RLOO): rollout, reward sources, KL control.  Owner: algos/ppo.py,
-# algos/grpo.py, rewards.py. These sections are frozen (hashable): they are static arguments of the
-# jitted rollout/update functions. Dotted overrides still work (frozen sections are replaced by copies).
-# ================================================================================================
+# ============================================================================================ RL from feedback
+# PPO, GRPO, RLOO: rollout, reward sources, KL control and the shared policy update. These sections are
+# static arguments of the jitted rollout/update functions (frozen, hence hashable).
 
-def _rl_checks(checks: list[tuple[bool, str, str]]) -> None:
-    for ok, field, msg in checks:
-        if not ok:
-            raise ConfigError(f"{field} {msg}")
-
-
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class RewardSpec:
     """Where the scalar score of a completion comes from: a weighted sum of up to three kinds of source.
 
@@ -486,20 +322,18 @@ class RewardSpec:
     reward_model_std: float = 1.0
 
     def validate(self, prefix: str = "algo.reward") -> None:
-        _rl_checks([
-            (bool(self.functions or self.classifier or self.reward_model), prefix,
-             "has no source; set functions, classifier or reward_model"),
-            (not self.function_weights or len(self.function_weights) == len(self.functions),
-             f"{prefix}.function_weights", f"needs one weight per function ({len(self.functions)}), "
-             f"got {len(self.function_weights)}"),
-            (all(":" in f for f in self.functions), f"{prefix}.functions",
-             f"entries must be import paths 'package.module:callable', got {self.functions}"),
-            (self.classifier_max_length >= 2, f"{prefix}.classifier_max_length", "must be >= 2"),
-            (self.reward_model_std > 0, f"{prefix}.reward_model_std", "must be > 0"),
-        ])
+        _check(bool(self.functions or self.classifier or self.reward_model), prefix,
+               "has no source; set functions, classifier or reward_model")
+        _check(not self.function_weights or len(self.function_weights) == len(self.functions),
+               f"{prefix}.function_weights", f"needs one weight per function ({len(self.functions)}), "
+               f"got {len(self.function_weights)}")
+        _check(all(":" in f for f in self.functions), f"{prefix}.functions",
+               f"entries must be import paths 'package.module:callable', got {self.functions}")
+        _check(self.classifier_max_length >= 2, f"{prefix}.classifier_max_length", "must be >= 2")
+        _check(self.reward_model_std > 0, f"{prefix}.reward_model_std", "must be > 0")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class RolloutConfig:
     """How completions are sampled and how their scores are shaped (shared by PPO, GRPO, RLOO).
 
@@ -526,19 +360,17 @@ class RolloutConfig:
     whiten_scores: bool = False
 
     def validate(self, prefix: str = "algo.rollout") -> None:
-        _rl_checks([
-            (self.max_new_tokens >= 1, f"{prefix}.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}"),
-            (self.num_completions >= 1, f"{prefix}.num_completions", f"must be >= 1, got {self.num_completions}"),
-            (self.temperature > 0, f"{prefix}.temperature",
-             f"must be > 0 for on-policy RL (sampled, not greedy), got {self.temperature}"),
-            (self.top_k >= 0, f"{prefix}.top_k", "must be >= 0 (0 = off)"),
-            (0 < self.top_p <= 1, f"{prefix}.top_p", "must be in (0, 1]"),
-            (self.missing_eos_penalty >= 0, f"{prefix}.missing_eos_penalty", "must be >= 0 (it is subtracted)"),
-            (self.score_clip >= 0, f"{prefix}.score_clip", "must be >= 0 (0 = off)"),
-        ])
+        _check(self.max_new_tokens >= 1, f"{prefix}.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        _check(self.num_completions >= 1, f"{prefix}.num_completions", f"must be >= 1, got {self.num_completions}")
+        _check(self.temperature > 0, f"{prefix}.temperature",
+               f"must be > 0 for on-policy RL (sampled, not greedy), got {self.temperature}")
+        _check(self.top_k >= 0, f"{prefix}.top_k", "must be >= 0 (0 = off)")
+        _check(0 < self.top_p <= 1, f"{prefix}.top_p", "must be in (0, 1]")
+        _check(self.missing_eos_penalty >= 0, f"{prefix}.missing_eos_penalty", "must be >= 0 (it is subtracted)")
+        _check(self.score_clip >= 0, f"{prefix}.score_clip", "must be >= 0 (0 = off)")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class KLConfig:
     """KL(π || π_ref) penalty in the reward, ``r_t = -coef · KL_t`` (Ziegler et al. 2019 §2.2).
 
@@ -559,91 +391,108 @@ class KLConfig:
     horizon: float = 10000.0
 
     def validate(self, prefix: str = "algo.kl") -> None:
-        _rl_checks([
-            (self.coef >= 0, f"{prefix}.coef", f"must be >= 0, got {self.coef}"),
-            (self.target > 0, f"{prefix}.target", f"must be > 0, got {self.target}"),
-            (self.horizon > 0, f"{prefix}.horizon", f"must be > 0, got {self.horizon}"),
-        ])
+        _check(self.coef >= 0, f"{prefix}.coef", f"must be >= 0, got {self.coef}")
+        _check(self.target > 0, f"{prefix}.target", f"must be > 0, got {self.target}")
+        _check(self.horizon > 0, f"{prefix}.horizon", f"must be > 0, got {self.horizon}")
 
 
-def _check_rl_common(cfg: "ExperimentConfig", algo: Any) -> None:
-    d, o, r = cfg.data, cfg.optim, algo.rollout
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class UpdateConfig:
+    """The clipped-ratio policy update shared by PPO, GRPO and RLOO (``algo.update``).
+
+    Attributes:
+      epochs / num_minibatches: each rollout is reused for ``epochs`` passes, each in ``num_minibatches``
+        shuffled minibatches (one optimizer step each), all inside one jitted ``lax.scan``.
+      clip_eps / clip_eps_high: policy ratio clipping ε_low and ε_high (None = ε_low; Schulman et al.
+        2017 eq. 7, DAPO's clip-higher).
+      entropy_coef: weight of the entropy bonus.
+      aggregation: ``token``: every completion token of the minibatch weighs the same; ``sequence``:
+        tokens are averaged within each completion, then completions averaged.
+      whiten_advantages: whiten the token advantages over the rollout's completion tokens (mean 0, std 1).
+
+    Defaults differ per algorithm (PPO: 4 epochs, whitened advantages; GRPO: ``sequence`` aggregation);
+    each algorithm config sets its own default section.
+    """
+
+    epochs: int = 1
+    num_minibatches: int = 1
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    entropy_coef: float = 0.0
+    aggregation: Literal["token", "sequence"] = "token"
+    whiten_advantages: bool = False
+
+    def validate(self, prefix: str = "algo.update") -> None:
+        _check(self.epochs >= 1, f"{prefix}.epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.num_minibatches >= 1, f"{prefix}.num_minibatches", f"must be >= 1, got {self.num_minibatches}")
+        _check(self.clip_eps > 0, f"{prefix}.clip_eps", f"must be > 0, got {self.clip_eps}")
+        _check(self.clip_eps_high is None or self.clip_eps_high > 0, f"{prefix}.clip_eps_high", "must be > 0 or None")
+        _check(self.aggregation in ("token", "sequence"), f"{prefix}.aggregation", "must be token or sequence")
+        _check(self.entropy_coef >= 0, f"{prefix}.entropy_coef", "must be >= 0")
+
+
+def _validate_rl(cfg: ExperimentConfig, algo: PPOConfig | GRPOConfig | RLOOConfig) -> None:
+    """The checks PPO, GRPO and RLOO share: their sections, and how the rollout fits data and optimizer."""
+    d, o, r, u = cfg.data, cfg.optim, algo.rollout, algo.update
     r.validate()
     algo.reward.validate()
+    u.validate()
     rows = d.batch_size * r.num_completions
-    _rl_checks([
-        (algo.epochs >= 1, "algo.epochs", f"must be >= 1, got {algo.epochs}"),
-        (algo.num_minibatches >= 1, "algo.num_minibatches", f"must be >= 1, got {algo.num_minibatches}"),
-        (rows % (algo.num_minibatches * o.grad_accum_steps) == 0, "algo.num_minibatches",
-         f"rollout rows = data.batch_size*rollout.num_completions = {rows} must be divisible by "
-         f"algo.num_minibatches*optim.grad_accum_steps = {algo.num_minibatches * o.grad_accum_steps}"),
-        (d.max_prompt_length + r.max_new_tokens <= d.max_length, "data.max_length",
-         f"must be >= data.max_prompt_length + algo.rollout.max_new_tokens = "
-         f"{d.max_prompt_length + r.max_new_tokens}, got {d.max_length}"),
-        (algo.clip_eps > 0, "algo.clip_eps", f"must be > 0, got {algo.clip_eps}"),
-        (algo.clip_eps_high is None or algo.clip_eps_high > 0, "algo.clip_eps_high", "must be > 0 or None"),
-        (algo.aggregation in ("token", "sequence"), "algo.aggregation", "must be token or sequence"),
-        (algo.entropy_coef >= 0, "algo.entropy_coef", "must be >= 0"),
-    ])
+    _check(rows % (u.num_minibatches * o.grad_accum_steps) == 0, "algo.update.num_minibatches",
+           f"rollout rows = data.batch_size*rollout.num_completions = {rows} must be divisible by "
+           f"algo.update.num_minibatches*optim.grad_accum_steps = {u.num_minibatches * o.grad_accum_steps}")
+    _check(d.max_prompt_length + r.max_new_tokens <= d.max_length, "data.max_length",
+           f"must be >= data.max_prompt_length + algo.rollout.max_new_tokens = "
+           f"{d.max_prompt_length + r.max_new_tokens}, got {d.max_length}")
 
 
-@dataclasses.dataclass(frozen=True)
+_SENTIMENT = RewardSpec(functions=("jaxrlhf.rewards:lexicon_sentiment",))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class PPOConfig:
     """PPO for language models with a frozen reference and a KL penalty in the reward (Ziegler et al.
     2019; Ouyang et al. 2022; Schulman et al. 2017 for the clipped objective).
 
     Attributes:
-      rollout / reward / kl: see :class:`RolloutConfig`, :class:`RewardSpec`, :class:`KLConfig`.
+      rollout / reward / kl / update: see :class:`RolloutConfig`, :class:`RewardSpec`, :class:`KLConfig`,
+        :class:`UpdateConfig` (PPO's default: 4 epochs, token aggregation, whitened advantages).
       critic: ``separate`` (default: a second copy of the policy's decoder with a scalar head; the value
         loss never moves the policy's weights, as in InstructGPT/TRL) or ``shared`` (a scalar head on the
         policy's own final hidden states: half the memory and one forward/backward instead of two per
         minibatch, but the value loss, weighted by ``vf_coef``, also trains the policy's trunk).
       gamma / lam: GAE discount and λ (Schulman et al. 2016); γ = 1 is usual for LM episodes.
-      epochs / num_minibatches: each rollout is reused for ``epochs`` passes, each in ``num_minibatches``
-        shuffled minibatches (one optimizer step each), all inside one jitted ``lax.scan``.
-      clip_eps / clip_eps_high / dual_clip: policy ratio clipping ε_low, ε_high (None = ε_low) and the
-        dual-clip bound c > 1 for negative advantages (None = off).
+      dual_clip: the dual-clip bound c > 1 for negative advantages (None = off).
       value_clip_eps: clip of the value update around the rollout's values (None = off).
-      vf_coef / entropy_coef: weights of the value loss and of the entropy bonus.
-      aggregation: ``token`` (default): every completion token of the minibatch weighs the same;
-        ``sequence``: tokens are averaged within each completion, then completions averaged.
-      whiten_advantages: whiten advantages over the rollout's completion tokens (mean 0, std 1).
+      vf_coef: weight of the value loss.
       whiten_rewards: rescale per-token rewards by their std (no shift) before GAE.
     """
 
-    kind: Literal["ppo"] = "ppo"
+    kind: str = _kind("ppo")
     rollout: RolloutConfig = RolloutConfig()
-    reward: RewardSpec = RewardSpec(functions=("jaxrlhf.rewards:lexicon_sentiment",))
+    reward: RewardSpec = _SENTIMENT
     kl: KLConfig = KLConfig()
+    update: UpdateConfig = UpdateConfig(epochs=4, aggregation="token", whiten_advantages=True)
     critic: Literal["separate", "shared"] = "separate"
     gamma: float = 1.0
     lam: float = 0.95
-    epochs: int = 4
-    num_minibatches: int = 1
-    clip_eps: float = 0.2
-    clip_eps_high: float | None = None
     dual_clip: float | None = None
     value_clip_eps: float | None = 0.2
     vf_coef: float = 0.1
-    entropy_coef: float = 0.0
-    aggregation: Literal["token", "sequence"] = "token"
-    whiten_advantages: bool = True
     whiten_rewards: bool = False
 
-    def validate(self, cfg: "ExperimentConfig") -> None:
-        _check_rl_common(cfg, self)
+    def validate(self, cfg: ExperimentConfig) -> None:
+        _validate_rl(cfg, self)
         self.kl.validate()
-        _rl_checks([
-            (self.critic in ("separate", "shared"), "algo.critic", "must be separate or shared"),
-            (0 <= self.gamma <= 1, "algo.gamma", f"must be in [0, 1], got {self.gamma}"),
-            (0 <= self.lam <= 1, "algo.lam", f"must be in [0, 1], got {self.lam}"),
-            (self.dual_clip is None or self.dual_clip > 1, "algo.dual_clip", "must be > 1 or None"),
-            (self.value_clip_eps is None or self.value_clip_eps > 0, "algo.value_clip_eps", "must be > 0 or None"),
-            (self.vf_coef >= 0, "algo.vf_coef", "must be >= 0"),
-        ])
+        _check(self.critic in ("separate", "shared"), "algo.critic", "must be separate or shared")
+        _check(0 <= self.gamma <= 1, "algo.gamma", f"must be in [0, 1], got {self.gamma}")
+        _check(0 <= self.lam <= 1, "algo.lam", f"must be in [0, 1], got {self.lam}")
+        _check(self.dual_clip is None or self.dual_clip > 1, "algo.dual_clip", "must be > 1 or None")
+        _check(self.value_clip_eps is None or self.value_clip_eps > 0, "algo.value_clip_eps", "must be > 0 or None")
+        _check(self.vf_coef >= 0, "algo.vf_coef", "must be >= 0")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class GRPOConfig:
     """GRPO (Shao et al. 2024, DeepSeekMath §4.1): no critic; the advantage of each of the G completions
     of a prompt is its group-normalised score ``(r - mean) / (std + eps)``, given to every token; the KL
@@ -651,38 +500,28 @@ class GRPOConfig:
 
     Attributes:
       rollout: ``num_completions`` is the group size G (>= 2).
+      update: :class:`UpdateConfig`; GRPO's default aggregation is ``sequence`` (the paper's 1/|o_i| per
+        completion, then the mean over the group), without advantage whitening (the group normalisation
+        already scales them).
       beta: weight of the k3 KL loss term.
       scale_rewards: divide by the group std (False: only centre, the "Dr. GRPO" variant).
-      aggregation: ``sequence`` (default, the paper's 1/|o_i| per completion then mean over the group)
-        or ``token``.
-      epochs / num_minibatches / clip_eps / clip_eps_high / entropy_coef: as in :class:`PPOConfig`.
-      whiten_advantages: whiten the token advantages over the whole rollout as well (off: the group
-        normalisation already scales them).
     """
 
-    kind: Literal["grpo"] = "grpo"
+    kind: str = _kind("grpo")
     rollout: RolloutConfig = RolloutConfig(num_completions=4)
-    reward: RewardSpec = RewardSpec(functions=("jaxrlhf.rewards:lexicon_sentiment",))
+    reward: RewardSpec = _SENTIMENT
+    update: UpdateConfig = UpdateConfig(epochs=1, aggregation="sequence", whiten_advantages=False)
     beta: float = 0.04
     scale_rewards: bool = True
-    epochs: int = 1
-    num_minibatches: int = 1
-    clip_eps: float = 0.2
-    clip_eps_high: float | None = None
-    entropy_coef: float = 0.0
-    aggregation: Literal["token", "sequence"] = "sequence"
-    whiten_advantages: bool = False
 
-    def validate(self, cfg: "ExperimentConfig") -> None:
-        _check_rl_common(cfg, self)
-        _rl_checks([
-            (self.rollout.num_completions >= 2, "algo.rollout.num_completions",
-             f"must be >= 2 for GRPO's group baseline, got {self.rollout.num_completions}"),
-            (self.beta >= 0, "algo.beta", f"must be >= 0, got {self.beta}"),
-        ])
+    def validate(self, cfg: ExperimentConfig) -> None:
+        _validate_rl(cfg, self)
+        _check(self.rollout.num_completions >= 2, "algo.rollout.num_completions",
+               f"must be >= 2 for GRPO's group baseline, got {self.rollout.num_completions}")
+        _check(self.beta >= 0, "algo.beta", f"must be >= 0, got {self.beta}")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class RLOOConfig:
     """RLOO (Kool et al. 2019; Ahmadian et al. 2024): no critic; the sequence reward
     ``score - coef · Σ_t KL_t`` (KL in the reward, as PPO) gets the leave-one-out baseline of the other
@@ -691,28 +530,198 @@ class RLOOConfig:
 
     Attributes:
       kl: as :class:`KLConfig` (fixed or adaptive).
-      whiten_advantages: whiten the token advantages over the rollout (off by default, as the paper).
-      aggregation: ``token`` (default: the gradient is Σ_i A_i ∇ log π(y_i) over whole sequences, up to a
-        constant) or ``sequence``.
-      others: as :class:`GRPOConfig`.
+      update: :class:`UpdateConfig`; RLOO's default: token aggregation (the gradient is
+        Σ_i A_i ∇ log π(y_i) over whole sequences, up to a constant), no advantage whitening (as the paper).
+      rollout / reward: as :class:`GRPOConfig`.
     """
 
-    kind: Literal["rloo"] = "rloo"
+    kind: str = _kind("rloo")
     rollout: RolloutConfig = RolloutConfig(num_completions=4)
-    reward: RewardSpec = RewardSpec(functions=("jaxrlhf.rewards:lexicon_sentiment",))
+    reward: RewardSpec = _SENTIMENT
     kl: KLConfig = KLConfig()
-    epochs: int = 1
-    num_minibatches: int = 1
-    clip_eps: float = 0.2
-    clip_eps_high: float | None = None
-    entropy_coef: float = 0.0
-    aggregation: Literal["token", "sequence"] = "token"
-    whiten_advantages: bool = False
+    update: UpdateConfig = UpdateConfig(epochs=1, aggregation="token", whiten_advantages=False)
 
-    def validate(self, cfg: "ExperimentConfig") -> None:
-        _check_rl_common(cfg, self)
+    def validate(self, cfg: ExperimentConfig) -> None:
+        _validate_rl(cfg, self)
         self.kl.validate()
-        _rl_checks([
-            (self.rollout.num_completions >= 2, "algo.rollout.num_completions",
-             f"must be >= 2 for the leave-one-out baseline, got {self.rollout.num_completions}"),
-        ])
+        _check(self.rollout.num_completions >= 2, "algo.rollout.num_completions",
+               f"must be >= 2 for the leave-one-out baseline, got {self.rollout.num_completions}")
+
+
+# ============================================================================================ the experiment
+
+AlgoConfig = SFTConfig | RewardConfig | DPOConfig | PPOConfig | GRPOConfig | RLOOConfig
+ALGO_CONFIGS: tuple[type, ...] = typing.get_args(AlgoConfig)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ExperimentConfig:
+    """A whole run. ``algo`` is one algorithm's config (its type selects the driver)."""
+
+    name: str = "experiment"
+    model: ModelSpec = ModelSpec()
+    mesh: MeshConfig = MeshConfig()
+    optim: OptimConfig = OptimConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    algo: AlgoConfig = SFTConfig()
+
+
+# ============================================================================================ overrides
+
+def _parse_value(text: str, tp: Any, field: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if text.lower() in ("none", "null") and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _parse_value(text, a, field)
+            except ConfigError:
+                continue
+        raise ConfigError(f"--config.{field}={text!r}: not a valid {tp}")
+    if origin is Literal:
+        for a in args:
+            if str(a) == text:
+                return a
+        raise ConfigError(f"--config.{field}={text!r}: must be one of {list(args)}")
+    if origin is tuple:
+        items = [t for t in text.strip("()[]").split(",") if t.strip()]
+        inner = args[0] if args else str
+        return tuple(_parse_value(t.strip(), inner, field) for t in items)
+    if tp is bool:
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"--config.{field}={text!r}: expected true or false")
+    if tp is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"--config.{field}={text!r}: expected an integer") from None
+    if tp is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"--config.{field}={text!r}: expected a number") from None
+    if tp is str:
+        return text
+    raise ConfigError(f"--config.{field}: cannot override a field of type {tp} from the command line")
+
+
+def apply_override(cfg: Any, dotted: str, text: str) -> Any:
+    """A copy of ``cfg`` with ``cfg.<dotted> = parse(text)``, typed by the dataclass field.
+
+    Every section is frozen: the changed section and each one above it are replaced by updated copies
+    (``dataclasses.replace``); ``cfg`` itself is not modified.
+
+    Raises:
+      ConfigError: an unknown or read-only field (the message lists the valid ones), a section given a
+        value, or a value of the wrong type.
+    """
+    parts = dotted.split(".")
+    chain = [cfg]
+    for i, name in enumerate(parts):
+        obj = chain[-1]
+        if not dataclasses.is_dataclass(obj):
+            raise ConfigError(f"--config.{'.'.join(parts[:i])} is not a config section; cannot set {dotted}")
+        fields = {f.name: f for f in dataclasses.fields(obj) if f.init}
+        where = ".".join(parts[:i]) or "config"
+        if name not in fields and name in {f.name for f in dataclasses.fields(obj)}:
+            raise ConfigError(f"--config.{dotted}: {where}.{name} is read-only (the algorithm is the type of "
+                              f"the algo section); valid fields: {sorted(fields)}")
+        if name not in fields:
+            raise ConfigError(f"--config.{dotted}: {where} has no field {name!r}; valid fields: {sorted(fields)}")
+        if i < len(parts) - 1:
+            chain.append(getattr(obj, name))
+    leaf_name = parts[-1]
+    obj = chain[-1]
+    hints = typing.get_type_hints(type(obj))
+    if dataclasses.is_dataclass(getattr(obj, leaf_name)):
+        raise ConfigError(f"--config.{dotted} is a section; set one of its fields instead")
+    value = _parse_value(text, hints[leaf_name], dotted)
+    for node, key in zip(reversed(chain), reversed(parts)):
+        value = dataclasses.replace(node, **{key: value})
+    return value
+
+
+def parse_overrides(argv: list[str]) -> list[tuple[str, str]]:
+    """``["--config.a.b=1", ...]`` -> ``[("a.b", "1"), ...]``; raises ConfigError on any other flag."""
+    out = []
+    for arg in argv:
+        if not arg.startswith("--config.") or "=" not in arg:
+            raise ConfigError(f"unrecognised argument {arg!r}; overrides look like --config.optim.lr=1e-5")
+        key, value = arg[len("--config."):].split("=", 1)
+        out.append((key, value))
+    return out
+
+
+# ============================================================================================ loading
+
+def load_experiment_module(path: str | pathlib.Path) -> types.ModuleType:
+    """Import an experiment file by path (it must define ``get_config``)."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConfigError(f"experiment file {str(path)!r} does not exist")
+    # Experiments import reusable blocks from the sibling ``configs/`` package of their repository.
+    root = str(path.resolve().parents[1])
+    if (path.resolve().parents[1] / "configs").is_dir() and root not in sys.path:
+        sys.path.insert(0, root)
+    spec = importlib.util.spec_from_file_location(f"jaxrlhf_experiment_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} must define get_config(arg=None) -> ExperimentConfig")
+    return module
+
+
+def load_config(path: str | pathlib.Path, overrides: list[str] | None = None, arg: str | None = None
+                ) -> ExperimentConfig:
+    """Load ``get_config(arg)`` from an experiment file, apply overrides, validate."""
+    cfg = load_experiment_module(path).get_config(arg)
+    for key, value in parse_overrides(overrides or []):
+        cfg = apply_override(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: ExperimentConfig, num_devices: int | None = None) -> None:
+    """Check a config before any compute. Raises ConfigError naming the field and the fix."""
+    if not isinstance(cfg, ExperimentConfig):
+        raise ConfigError(f"get_config() must return an ExperimentConfig, got {type(cfg).__name__}")
+    if not isinstance(cfg.algo, ALGO_CONFIGS):
+        raise ConfigError(f"algo must be one of {[t.__name__ for t in ALGO_CONFIGS]}, got {type(cfg.algo).__name__}")
+    o, d, t = cfg.optim, cfg.data, cfg.train
+    _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    _check(o.grad_accum_steps >= 1, "optim.grad_accum_steps", f"must be >= 1, got {o.grad_accum_steps}")
+    _check(o.max_grad_norm >= 0, "optim.max_grad_norm", "must be >= 0 (0 disables clipping)")
+    _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+    _check(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
+    _check(d.batch_size % o.grad_accum_steps == 0, "data.batch_size",
+           f"{d.batch_size} is not divisible by optim.grad_accum_steps={o.grad_accum_steps}")
+    _check(d.max_length >= 2, "data.max_length", f"must be >= 2, got {d.max_length}")
+    _check(0 < d.max_prompt_length < d.max_length, "data.max_prompt_length",
+           f"must be in (0, data.max_length={d.max_length}), got {d.max_prompt_length}")
+    _check(bool(d.source), "data.source", "is empty; give a file, folder, hub id or tfds:NAME")
+    _check(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
+    _check(cfg.model.dtype in ("float32", "bfloat16"), "model.dtype", "must be float32 or bfloat16")
+    _check(cfg.model.remat in ("none", "block"), "model.remat", "must be none or block")
+    if num_devices is not None:
+        shape = cfg.mesh.shape(num_devices)
+        n = shape[0] * shape[1]
+        micro = d.batch_size // o.grad_accum_steps
+        _check(micro % n == 0, f"data.batch_size={d.batch_size}",
+               f"(micro-batch {micro} after optim.grad_accum_steps={o.grad_accum_steps}) is not divisible "
+               f"by mesh data*fsdp={n}; use a multiple of {n}")
+    cfg.algo.validate(cfg)
+
+
+def to_dict(cfg: Any) -> dict:
+    """JSON-ready dict of a config (for ``runs/<name>/config.json``; includes each section's ``kind``)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))

@@ -20,13 +20,15 @@ import jax
 import jax.numpy as jnp
 
 from jaxrlhf.ops.kl import kl_k3
-from jaxrlhf.ops.masked import _as_float, _check_same_shape, _safe_div, masked_mean
+from jaxrlhf.ops.masked import AGGREGATIONS, as_float, check_same_shape, masked_aggregate, masked_mean, safe_div
 
 __all__ = [
     "bradley_terry_loss",
     "ranking_loss",
     "classification_loss",
     "dpo_loss",
+    "hinge_dpo_loss",
+    "robust_dpo_loss",
     "ipo_loss",
     "simpo_loss",
     "orpo_loss",
@@ -37,7 +39,6 @@ __all__ = [
 ]
 
 Aggregation = Literal["token", "sequence"]
-_AGGREGATIONS = ("token", "sequence")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -54,24 +55,15 @@ def _require_label_smoothing(value, upper: float = 0.5) -> None:
 
 
 def _require_1d(**arrays) -> None:
-    shape = _check_same_shape(**arrays)
+    shape = check_same_shape(**arrays)
     if len(shape) != 1:
         names = ", ".join(f"`{n}`" for n in arrays)
         raise ValueError(f"{names} must be 1-D with shape [B], got shape {list(shape)}.")
 
 
 def _require_aggregation(aggregation) -> None:
-    if aggregation not in _AGGREGATIONS:
-        raise ValueError(f"`aggregation` must be one of {_AGGREGATIONS}, got {aggregation!r}.")
-
-
-def _aggregate(x, mask, aggregation: str) -> jax.Array:
-    """Reduce per-token ``x [..., T]`` to a scalar: token-weighted mean, or mean of per-row means."""
-    if aggregation == "token":
-        return masked_mean(x, mask)
-    row_mean = masked_mean(x, mask, axis=-1)
-    has_tokens = jnp.sum(_as_float(mask), axis=-1) > 0
-    return _safe_div(jnp.sum(jnp.where(has_tokens, row_mean, 0.0)), jnp.sum(has_tokens.astype(x.dtype)))
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"`aggregation` must be one of {AGGREGATIONS}, got {aggregation!r}.")
 
 
 def _preference_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, loss) -> dict:
@@ -123,9 +115,9 @@ def bradley_terry_loss(
     if margin_B is not None:
         arrays["margin_B"] = margin_B
     _require_1d(**arrays)
-    rc, rr = _as_float(chosen_rewards_B), _as_float(rejected_rewards_B)
+    rc, rr = as_float(chosen_rewards_B), as_float(rejected_rewards_B)
     diff = rc - rr
-    logits = diff if margin_B is None else diff - _as_float(margin_B)
+    logits = diff if margin_B is None else diff - as_float(margin_B)
     loss = jnp.mean(-jax.nn.log_sigmoid(logits))
     metrics = {}
     if center_rewards_coef is not None:
@@ -167,12 +159,12 @@ def ranking_loss(rewards_BN, ranks_BN) -> tuple[jax.Array, dict[str, jax.Array]]
     Raises:
       ValueError: shapes differ, are not ``[B, N]``, or ranks are not integers.
     """
-    shape = _check_same_shape(rewards_BN=rewards_BN, ranks_BN=ranks_BN)
+    shape = check_same_shape(rewards_BN=rewards_BN, ranks_BN=ranks_BN)
     if len(shape) != 2:
         raise ValueError(f"`rewards_BN` and `ranks_BN` must have shape [B, N], got {list(shape)}.")
     if not jnp.issubdtype(jnp.asarray(ranks_BN).dtype, jnp.integer):
         raise ValueError(f"`ranks_BN` must be integers (0 = best, -1 = missing), got {jnp.asarray(ranks_BN).dtype}.")
-    rewards = _as_float(rewards_BN)
+    rewards = as_float(rewards_BN)
     ranks = jnp.asarray(ranks_BN)
     present = ranks >= 0
     # pair[b, i, j]: completion i is strictly better than completion j, both present.
@@ -184,8 +176,8 @@ def ranking_loss(rewards_BN, ranks_BN) -> tuple[jax.Array, dict[str, jax.Array]]
     n_prompts = jnp.sum(has_pairs.astype(rewards.dtype))
 
     def prompt_weighted(per_pair):
-        per_prompt = _safe_div(jnp.sum(jnp.where(pair, per_pair, 0.0), axis=(1, 2)), n_pairs)
-        return _safe_div(jnp.sum(per_prompt), n_prompts)
+        per_prompt = safe_div(jnp.sum(jnp.where(pair, per_pair, 0.0), axis=(1, 2)), n_pairs)
+        return safe_div(jnp.sum(per_prompt), n_prompts)
 
     loss = prompt_weighted(-jax.nn.log_sigmoid(diff))
     sg_diff = jax.lax.stop_gradient(diff)
@@ -223,7 +215,7 @@ def classification_loss(
     if not jnp.issubdtype(jnp.asarray(labels_B).dtype, jnp.integer):
         raise ValueError(f"`labels_B` must be integer class ids, got dtype {jnp.asarray(labels_B).dtype}.")
     _require_label_smoothing(label_smoothing, upper=1.0)
-    logits = _as_float(logits_BC)
+    logits = as_float(logits_BC)
     labels = jnp.asarray(labels_B)
     n_classes = lshape[1]
     logp = jax.nn.log_softmax(logits, axis=-1)
@@ -276,11 +268,96 @@ def dpo_loss(
     )
     _require_positive("beta", beta)
     _require_label_smoothing(label_smoothing)
-    pc, pr = _as_float(policy_chosen_logps), _as_float(policy_rejected_logps)
-    chosen_ratio = pc - _as_float(reference_chosen_logps)
-    rejected_ratio = pr - _as_float(reference_rejected_logps)
+    pc, pr = as_float(policy_chosen_logps), as_float(policy_rejected_logps)
+    chosen_ratio = pc - as_float(reference_chosen_logps)
+    rejected_ratio = pr - as_float(reference_rejected_logps)
     logits = beta * (chosen_ratio - rejected_ratio)
     losses = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(logits) - label_smoothing * jax.nn.log_sigmoid(-logits)
+    loss = jnp.mean(losses)
+    return loss, _preference_metrics(beta * chosen_ratio, beta * rejected_ratio, pc, pr, loss)
+
+
+def hinge_dpo_loss(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    reference_chosen_logps,
+    reference_rejected_logps,
+    beta: float = 0.1,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Hinge (SLiC) preference loss on the DPO log-ratios: TRL's ``loss_type="hinge"``.
+
+    Zhao et al. 2023 ("SLiC-HF", the rank-calibration hinge ``max(0, δ - log π_c + log π_r)``) with the
+    reference-normalised log-ratios of DPO, as in TRL: with ``h = (π_c - ref_c) - (π_r - ref_r)``,
+    ``L = mean_b[max(0, 1 - β h)]``, i.e. the margin ``δ = 1/β``. The gradient is ``-β`` per pair while
+    ``β h < 1`` and 0 beyond (at the kink ``β h = 1`` it is 0).
+
+    Args:
+      policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps:
+        float ``[B]`` summed log-probs each, as in :func:`dpo_loss`.
+      beta: ``β > 0``.
+
+    Returns:
+      ``(loss, metrics)`` with the metrics of :func:`dpo_loss` (rewards ``β(π - ref)``).
+
+    Raises:
+      ValueError: shapes differ or are not ``[B]``; ``beta <= 0``.
+    """
+    _require_1d(
+        policy_chosen_logps=policy_chosen_logps,
+        policy_rejected_logps=policy_rejected_logps,
+        reference_chosen_logps=reference_chosen_logps,
+        reference_rejected_logps=reference_rejected_logps,
+    )
+    _require_positive("beta", beta)
+    pc, pr = as_float(policy_chosen_logps), as_float(policy_rejected_logps)
+    chosen_ratio = pc - as_float(reference_chosen_logps)
+    rejected_ratio = pr - as_float(reference_rejected_logps)
+    loss = jnp.mean(jax.nn.relu(1.0 - beta * (chosen_ratio - rejected_ratio)))
+    return loss, _preference_metrics(beta * chosen_ratio, beta * rejected_ratio, pc, pr, loss)
+
+
+def robust_dpo_loss(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    reference_chosen_logps,
+    reference_rejected_logps,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Robust DPO (Chowdhury et al. 2024, "Provably Robust DPO: Aligning Language Models with Noisy
+    Feedback", the de-biased loss), TRL's ``loss_type="robust"``.
+
+    An unbiased loss under preference labels flipped with known probability ``ε``: with
+    ``h = (π_c - ref_c) - (π_r - ref_r)``,
+    ``L = mean_b[(-(1 - ε) log σ(β h) + ε log σ(-β h)) / (1 - 2ε)]``. ``ε = 0`` is :func:`dpo_loss`.
+    (cDPO, the ``label_smoothing`` of :func:`dpo_loss`, instead mixes the two directions with ``+ε``.)
+
+    Args:
+      policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps:
+        float ``[B]`` summed log-probs each, as in :func:`dpo_loss`.
+      beta: ``β > 0``.
+      label_smoothing: the flip rate ``ε`` in ``[0, 0.5)``.
+
+    Returns:
+      ``(loss, metrics)`` with the metrics of :func:`dpo_loss`.
+
+    Raises:
+      ValueError: shapes differ or are not ``[B]``; ``beta <= 0``; ``ε`` outside ``[0, 0.5)``.
+    """
+    _require_1d(
+        policy_chosen_logps=policy_chosen_logps,
+        policy_rejected_logps=policy_rejected_logps,
+        reference_chosen_logps=reference_chosen_logps,
+        reference_rejected_logps=reference_rejected_logps,
+    )
+    _require_positive("beta", beta)
+    _require_label_smoothing(label_smoothing)
+    pc, pr = as_float(policy_chosen_logps), as_float(policy_rejected_logps)
+    chosen_ratio = pc - as_float(reference_chosen_logps)
+    rejected_ratio = pr - as_float(reference_rejected_logps)
+    logits = beta * (chosen_ratio - rejected_ratio)
+    eps = label_smoothing
+    losses = (-(1.0 - eps) * jax.nn.log_sigmoid(logits) + eps * jax.nn.log_sigmoid(-logits)) / (1.0 - 2.0 * eps)
     loss = jnp.mean(losses)
     return loss, _preference_metrics(beta * chosen_ratio, beta * rejected_ratio, pc, pr, loss)
 
@@ -318,9 +395,9 @@ def ipo_loss(
         reference_rejected_logps=reference_rejected_logps,
     )
     _require_positive("beta", beta)
-    pc, pr = _as_float(policy_chosen_logps), _as_float(policy_rejected_logps)
-    chosen_ratio = pc - _as_float(reference_chosen_logps)
-    rejected_ratio = pr - _as_float(reference_rejected_logps)
+    pc, pr = as_float(policy_chosen_logps), as_float(policy_rejected_logps)
+    chosen_ratio = pc - as_float(reference_chosen_logps)
+    rejected_ratio = pr - as_float(reference_rejected_logps)
     loss = jnp.mean(jnp.square(chosen_ratio - rejected_ratio - 1.0 / (2.0 * beta)))
     return loss, _preference_metrics(beta * chosen_ratio, beta * rejected_ratio, pc, pr, loss)
 
@@ -355,7 +432,7 @@ def simpo_loss(
     _require_1d(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps)
     _require_positive("beta", beta)
     _require_label_smoothing(label_smoothing)
-    pc, pr = _as_float(policy_chosen_logps), _as_float(policy_rejected_logps)
+    pc, pr = as_float(policy_chosen_logps), as_float(policy_rejected_logps)
     logits = beta * (pc - pr) - gamma_beta_ratio * beta
     losses = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(logits) - label_smoothing * jax.nn.log_sigmoid(-logits)
     loss = jnp.mean(losses)
@@ -410,10 +487,10 @@ def orpo_loss(
             f"got {list(nll_shape)}."
         )
     _require_positive("beta", beta)
-    pc, pr = _as_float(policy_chosen_logps), _as_float(policy_rejected_logps)
+    pc, pr = as_float(policy_chosen_logps), as_float(policy_rejected_logps)
     log_odds = (pc - pr) - (_log1mexp(pc) - _log1mexp(pr))
     or_losses = -jax.nn.log_sigmoid(log_odds)
-    nll = jnp.mean(_as_float(chosen_nll))
+    nll = jnp.mean(as_float(chosen_nll))
     or_loss = jnp.mean(or_losses)
     loss = nll + beta * or_loss
     metrics = _preference_metrics(beta * pc, beta * pr, pc, pr, loss)
@@ -446,7 +523,7 @@ def kto_kl_reference_point(policy_logps_mismatched, reference_logps_mismatched) 
         policy_logps_mismatched=policy_logps_mismatched,
         reference_logps_mismatched=reference_logps_mismatched,
     )
-    kl = jnp.mean(_as_float(policy_logps_mismatched) - _as_float(reference_logps_mismatched))
+    kl = jnp.mean(as_float(policy_logps_mismatched) - as_float(reference_logps_mismatched))
     return jax.lax.stop_gradient(jnp.maximum(kl, 0.0))
 
 
@@ -491,10 +568,10 @@ def kto_loss(
     _require_positive("beta", beta)
     _require_positive("desirable_weight", desirable_weight)
     _require_positive("undesirable_weight", undesirable_weight)
-    policy = _as_float(policy_logps_B)
-    logratio = policy - _as_float(reference_logps_B)
+    policy = as_float(policy_logps_B)
+    logratio = policy - as_float(reference_logps_B)
     desirable = jnp.asarray(desirable_B).astype(bool)
-    z0 = jax.lax.stop_gradient(jnp.maximum(_as_float(kl_reference_point), 0.0))
+    z0 = jax.lax.stop_gradient(jnp.maximum(as_float(kl_reference_point), 0.0))
     value = jnp.where(
         desirable,
         desirable_weight * jax.nn.sigmoid(beta * (logratio - z0)),
@@ -566,7 +643,7 @@ def ppo_policy_loss(
       ValueError: shapes differ or have no time axis; ``clip_eps``/``clip_eps_high <= 0``;
         ``dual_clip <= 1``; unknown ``aggregation``.
     """
-    shape = _check_same_shape(
+    shape = check_same_shape(
         logps_BT=logps_BT, old_logps_BT=old_logps_BT, advantages_BT=advantages_BT, mask_BT=mask_BT
     )
     if len(shape) < 1:
@@ -579,9 +656,9 @@ def ppo_policy_loss(
         raise ValueError(f"`dual_clip` must be > 1 (or None to disable), got {dual_clip}.")
     _require_aggregation(aggregation)
 
-    logps = _as_float(logps_BT)
-    old = jax.lax.stop_gradient(_as_float(old_logps_BT))
-    adv = jax.lax.stop_gradient(_as_float(advantages_BT))
+    logps = as_float(logps_BT)
+    old = jax.lax.stop_gradient(as_float(old_logps_BT))
+    adv = jax.lax.stop_gradient(as_float(advantages_BT))
     valid = jnp.asarray(mask_BT) != 0
     log_ratio = jnp.where(valid, logps - old, 0.0)  # padding may hold garbage log-probs
     adv = jnp.where(valid, adv, 0.0)
@@ -595,7 +672,7 @@ def ppo_policy_loss(
         dual_active = (adv < 0) & (losses > bound)
         losses = jnp.where(adv < 0, jnp.minimum(losses, bound), losses)
         metrics["policy/dual_clip_fraction"] = masked_mean(dual_active, mask_BT)
-    loss = _aggregate(losses, mask_BT, aggregation)
+    loss = masked_aggregate(losses, mask_BT, aggregation)
     sg_ratio = jax.lax.stop_gradient(ratio)
     clipped = ((sg_ratio > 1.0 + clip_eps_high) & (adv > 0)) | ((sg_ratio < 1.0 - clip_eps) & (adv < 0))
     metrics.update({
@@ -620,7 +697,9 @@ def ppo_value_loss(
     baselines ``ppo2``; see also Ziegler et al. 2019).
 
     Per token: ``ℓ = ½ max((v - R)², (v_clip - R)²)`` with
-    ``v_clip = old_v + clip(v - old_v, -ε, ε)``. ``clip_eps=None`` disables clipping (``ℓ = ½(v - R)²``).
+    ``v_clip = clip(v, old_v - ε, old_v + ε)`` (equal to ``old_v + clip(v - old_v, -ε, ε)`` in exact
+    arithmetic; this form is ``v`` itself inside the band, so float rounding never marks an unclipped
+    token as clipped). ``clip_eps=None`` disables clipping (``ℓ = ½(v - R)²``).
 
     Args:
       values_BT: float ``[..., T]`` current critic values.
@@ -638,7 +717,7 @@ def ppo_value_loss(
     Raises:
       ValueError: shapes differ or have no time axis; ``clip_eps <= 0``; unknown ``aggregation``.
     """
-    shape = _check_same_shape(
+    shape = check_same_shape(
         values_BT=values_BT, old_values_BT=old_values_BT, returns_BT=returns_BT, mask_BT=mask_BT
     )
     if len(shape) < 1:
@@ -647,19 +726,19 @@ def ppo_value_loss(
         _require_positive("clip_eps", clip_eps)
     _require_aggregation(aggregation)
     valid = jnp.asarray(mask_BT) != 0
-    values = jnp.where(valid, _as_float(values_BT), 0.0)
-    old = jnp.where(valid, jax.lax.stop_gradient(_as_float(old_values_BT)), 0.0)
-    returns = jnp.where(valid, jax.lax.stop_gradient(_as_float(returns_BT)), 0.0)
+    values = jnp.where(valid, as_float(values_BT), 0.0)
+    old = jnp.where(valid, jax.lax.stop_gradient(as_float(old_values_BT)), 0.0)
+    returns = jnp.where(valid, jax.lax.stop_gradient(as_float(returns_BT)), 0.0)
     err_unclipped = jnp.square(values - returns)
     if clip_eps is None:
         losses = 0.5 * err_unclipped
         clipped = jnp.zeros_like(valid)
     else:
-        v_clip = old + jnp.clip(values - old, -clip_eps, clip_eps)
+        v_clip = jnp.clip(values, old - clip_eps, old + clip_eps)
         err_clipped = jnp.square(v_clip - returns)
         losses = 0.5 * jnp.maximum(err_unclipped, err_clipped)
         clipped = jax.lax.stop_gradient(err_clipped > err_unclipped)
-    loss = _aggregate(losses, mask_BT, aggregation)
+    loss = masked_aggregate(losses, mask_BT, aggregation)
     metrics = {
         "loss": loss,
         "value/loss": loss,

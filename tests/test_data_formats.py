@@ -3,6 +3,7 @@
 References are independent re-derivations: the raw files are re-read with ``gzip``/``json`` and the
 expected strings are rebuilt with plain ``str`` operations.
 """
+import dataclasses
 import gzip
 import json
 import re
@@ -200,5 +201,6 @@ def test_preference_message_lists_and_ranked_unpaired():
 
 def test_examples_are_frozen():
     ex = F.SFTExample("p", "r")
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         ex.prompt = "q"
+    assert ex.prompt == "p"

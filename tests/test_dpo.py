@@ -13,9 +13,10 @@ import pytest
 from flax import nnx
 
 from jaxrlhf import losses
-from jaxrlhf.algos.dpo import (LOSSES, WithReference, build_kto_batch, collate_with_reference, dpo_family_loss,
-                               dpo_step, eval_metrics, kto_examples, precompute_reference, sequence_logps)
-from jaxrlhf.config import DPOConfig, load_config
+from jaxrlhf.algos.dpo import (WithReference, build_kto_batch, collate_with_reference, dpo_family_loss, dpo_step,
+                               eval_metrics, kto_examples, precompute_reference, sequence_logps)
+from jaxrlhf.algos.dpo_losses import PREFERENCE_LOSSES
+from jaxrlhf.config import ConfigError, DataConfig, DPOConfig, ExperimentConfig, load_config
 from jaxrlhf.data.batching import build_preference_batch
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.llama import Llama
@@ -98,6 +99,13 @@ def _numpy_loss(name, cfg, pol, ref, counts, desirable=None):
         h = cfg.beta * ((pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1]))
         eps = cfg.label_smoothing
         return np.mean(-(1 - eps) * logsig(h) - eps * logsig(-h))
+    if name == "hinge":  # TRL: relu(1 - β h)
+        h = (pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1])
+        return np.mean(np.maximum(0.0, 1.0 - cfg.beta * h))
+    if name == "robust":  # TRL: (-(1-ε) log σ(βh) + ε log σ(-βh)) / (1 - 2ε)
+        h = cfg.beta * ((pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1]))
+        eps = cfg.label_smoothing
+        return np.mean((-(1 - eps) * logsig(h) + eps * logsig(-h)) / (1 - 2 * eps))
     if name == "ipo":
         return np.mean(((pm[:, 0] - rm[:, 0]) - (pm[:, 1] - rm[:, 1]) - 1 / (2 * cfg.beta)) ** 2)
     if name == "simpo":
@@ -119,6 +127,8 @@ def _numpy_loss(name, cfg, pol, ref, counts, desirable=None):
     ("dpo", DPOConfig(loss="dpo", beta=0.5)),
     ("dpo", DPOConfig(loss="dpo", beta=0.5, label_smoothing=0.2)),  # cDPO
     ("ipo", DPOConfig(loss="ipo", beta=0.5)),
+    ("hinge", DPOConfig(loss="hinge", beta=0.5)),
+    ("robust", DPOConfig(loss="robust", beta=0.5, label_smoothing=0.2)),
     ("simpo", DPOConfig(loss="simpo", beta=2.0, simpo_gamma_beta_ratio=0.3)),
     ("orpo", DPOConfig(loss="orpo", beta=0.2)),
     ("kto", DPOConfig(loss="kto", beta=0.5)),
@@ -136,15 +146,57 @@ def test_step_loss_equals_numpy_rederivation(setup, name, cfg):
     assert set(metrics) >= {"loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "logps/chosen"}
 
 
-def test_losses_table_calls_the_library_functions():
-    assert set(LOSSES) == {"dpo", "ipo", "simpo", "orpo", "kto"}
-    # e.g. the dpo adapter is dpo_loss on sums: same numbers as calling losses.dpo_loss directly.
-    from jaxrlhf.algos.dpo import SeqLogps
-    pol = SeqLogps(jnp.array([[-3.0, -5.0]]), jnp.array([[2.0, 3.0]]))
-    ref = jnp.array([[-4.0, -4.0]])
-    got = LOSSES["dpo"](pol, ref, {}, DPOConfig(beta=0.2))[0]
-    want = losses.dpo_loss(jnp.array([-3.0]), jnp.array([-5.0]), jnp.array([-4.0]), jnp.array([-4.0]), beta=0.2)[0]
-    assert float(got) == float(want)
+# What each paper says about its loss (independent of the table): summed or length-normalised log-probs,
+# and whether a reference enters it (and its implicit reward β(π - ref), else β π).
+PAPER_FORMS = {"dpo": ("sum", True), "ipo": ("mean", True), "hinge": ("sum", True), "robust": ("sum", True),
+               "simpo": ("mean", False), "orpo": ("mean", False), "kto": ("sum", True)}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_FORMS))
+def test_losses_table_entry_agrees_with_the_paper_everywhere_it_is_read(setup, name):
+    """The table is the one description of each loss: config validation accepts its name and asks for a
+    reference exactly when the paper uses one; the step's loss moves with the reference exactly then; the
+    held-out implicit rewards (eval_metrics) and the loss function's own reward metrics equal β(π - ref) /
+    β π on the paper's form of log-probs, re-derived in numpy."""
+    assert set(PREFERENCE_LOSSES) == set(PAPER_FORMS)  # a new entry must state its paper form here
+    s = setup
+    form, with_ref = PAPER_FORMS[name]
+    cfg = DPOConfig(loss=name, beta=0.7)
+    cfg.validate(ExperimentConfig(data=DataConfig(source="x"), algo=cfg))
+    assert cfg.uses_reference == with_ref
+    batch = jax.tree.map(jnp.asarray, dict(s["batch"]))
+    if name == "kto":
+        batch["desirable"] = jnp.asarray(np.arange(len(s["pairs"])) % 2 == 0)
+    loss = lambda ref: float(dpo_family_loss(s["pol"], batch, ref, graphdef=s["gd"], cfg=cfg)[0])  # noqa: E731
+    moved = abs(loss(s["ref"]) - loss(s["pol"]))
+    assert (moved > 1e-4) if with_ref else (moved == 0.0), moved
+    pol = s["np_pol"] / (s["counts"] if form == "mean" else 1.0)
+    ref = s["np_ref"] / (s["counts"] if form == "mean" else 1.0)
+    want = cfg.beta * (pol - ref if with_ref else pol)
+    out = {"sums": s["np_pol"], "counts": s["counts"]}
+    m = eval_metrics(cfg, out, {"segment_ids": np.asarray(s["batch"]["segment_ids"]), "reference_logps": s["np_ref"]})
+    np.testing.assert_allclose([m["reward_chosen"], m["reward_rejected"]], want.mean(0), rtol=1e-9)
+    assert m["reward_accuracy"] == np.mean(want[:, 0] > want[:, 1])
+    if name != "kto":  # KTO's loss reports its rewards over desirable examples only
+        _, (_, metrics) = dpo_family_loss(s["pol"], batch, s["ref"], graphdef=s["gd"], cfg=cfg)
+        np.testing.assert_allclose(float(metrics["rewards/chosen"]), want[:, 0].mean(), rtol=2e-4, atol=1e-4)
+
+
+def test_config_rejects_names_and_settings_the_table_does_not_allow():
+    exp = ExperimentConfig(data=DataConfig(source="x"))
+    with pytest.raises(ConfigError, match=r"algo\.loss must be one of \['dpo', 'hinge', 'ipo', 'kto', 'orpo'"):
+        DPOConfig(loss="sigmoid").validate(exp)
+    takes = sorted(n for n, e in PREFERENCE_LOSSES.items() if e.label_smoothing)
+    assert takes == ["dpo", "robust", "simpo"]  # cDPO, rDPO's flip rate, SimPO's smoothing
+    for name in PREFERENCE_LOSSES:
+        cfg = DPOConfig(loss=name, label_smoothing=0.1)
+        if name in takes:
+            cfg.validate(exp)
+        else:
+            with pytest.raises(ConfigError, match="algo.label_smoothing"):
+                cfg.validate(exp)
+    with pytest.raises(ConfigError, match="data.batch_size"):
+        DPOConfig(loss="kto").validate(ExperimentConfig(data=DataConfig(source="x", batch_size=1)))
 
 
 def _run(mesh_cfg, batch, cfg, *, ref_mode, devices=None, grad_accum=1):
@@ -233,7 +285,7 @@ def test_eval_metrics_count_only_real_pairs():
 def test_dpo_experiment_loads_validates_and_sweeps():
     path = REPO / "experiments" / "dpo_hh_smollm2.py"
     cfg = load_config(path)
-    assert cfg.algo.kind == "dpo" and cfg.data.eval_size == 312
+    assert isinstance(cfg.algo, DPOConfig) and cfg.algo.kind == "dpo" and cfg.data.eval_size == 312
     load_config(path, arg="full")
     from jaxrlhf.config import load_experiment_module
     sweep = load_experiment_module(path).sweep()

@@ -6,6 +6,7 @@ reward = count of token 3; 8 prompts x G = 4 completions.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +29,9 @@ V, EOS, TARGET, G, B, P = 16, 1, 3, 4, 8, 5
 MODEL = ModelConfig(family="llama", vocab_size=V, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                     num_kv_heads=2, max_position_embeddings=32)
 ROLLOUT = C.RolloutConfig(max_new_tokens=8, num_completions=G)
-GRPO_CFG = C.GRPOConfig(rollout=ROLLOUT, beta=0.05, epochs=2, num_minibatches=2)
-RLOO_CFG = C.RLOOConfig(rollout=ROLLOUT, kl=C.KLConfig(coef=0.05), epochs=2, num_minibatches=2)
+GRPO_CFG = C.GRPOConfig(rollout=ROLLOUT, beta=0.05, update=C.UpdateConfig(epochs=2, num_minibatches=2,
+                                                                         aggregation="sequence"))
+RLOO_CFG = C.RLOOConfig(rollout=ROLLOUT, kl=C.KLConfig(coef=0.05), update=C.UpdateConfig(epochs=2, num_minibatches=2))
 REWARD = count_token(TARGET)
 
 
@@ -167,10 +169,43 @@ def test_grpo_kl_loss_term(grpo_setup, model):
 
 
 def test_group_configs_validate():
-    base = C.ExperimentConfig(algo=GRPO_CFG)
-    base.data.source, base.data.max_length, base.data.max_prompt_length = "x", 16, 8
+    base = C.ExperimentConfig(algo=GRPO_CFG, data=C.DataConfig(source="x", max_length=16, max_prompt_length=8))
     C.validate(base)
     for algo in (dataclasses.replace(GRPO_CFG, rollout=C.RolloutConfig(max_new_tokens=8, num_completions=1)),
                  dataclasses.replace(RLOO_CFG, rollout=C.RolloutConfig(max_new_tokens=8, num_completions=1))):
         with pytest.raises(C.ConfigError, match=r"algo\.rollout\.num_completions"):
             C.validate(dataclasses.replace(base, algo=algo))
+
+
+@pytest.mark.parametrize("algo, cfg", [(grpo.GRPO, GRPO_CFG), (grpo.RLOO, RLOO_CFG)], ids=["grpo", "rloo"])
+def test_unscorable_completion_gets_advantage_zero_and_the_update_stays_finite(model, tx, algo, cfg):
+    """One NaN score (a completion the reward could not score) leaves its group's other advantages equal
+    to those of the finite scores alone, gets advantage 0, and the update's loss and parameters stay
+    finite."""
+    graphdef, pol = model
+    mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+    params, graphs = algo.init_params(copy_tree(pol), graphdef, MODEL, cfg, None)
+    state, _ = init_sharded_state(params, tx, mesh, init_extra(0.0))  # β = 0: the advantage is the score's
+    rng = np.random.default_rng(3)
+    S = P + 6
+    lm = {"tokens": rng.integers(2, V, (B * G, S)).astype(np.int32),
+          "positions": np.tile(np.arange(S, dtype=np.int32), (B * G, 1)),
+          "segment_ids": np.ones((B * G, S), np.int32),
+          "completion_mask": np.tile((np.arange(S) >= P).astype(np.float32), (B * G, 1))}
+    scores = rng.normal(size=B * G).astype(np.float32)
+    scores[1] = np.nan  # prompt 0, completion 1
+    exp, metrics = jax.jit(functools.partial(algo.experience, graphs=graphs, cfg=cfg))(
+        state, pol, lm, np.zeros(B * G, bool), scores)
+    adv = np.asarray(exp["advantages"])[:, P]  # every completion token holds the row's advantage
+    assert np.all(np.isfinite(np.asarray(exp["advantages"])))
+    assert adv[1] == 0.0
+    finite = np.delete(scores[:G].astype(np.float64), 1)
+    if algo is grpo.GRPO:
+        want = (finite - finite.mean()) / (finite.std(ddof=1) + 1e-4)
+    else:
+        want = finite - (finite.sum() - finite) / (len(finite) - 1)
+    np.testing.assert_allclose(np.delete(adv[:G], 1), want, rtol=1e-4, atol=1e-5)
+    new_state, upd = jax.jit(functools.partial(algo.update, graphs=graphs, tx=tx, cfg=cfg))(
+        state, exp, jax.random.key(0))
+    assert np.isfinite(float(upd["policy/loss"]))
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(new_state.params))

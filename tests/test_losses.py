@@ -534,3 +534,62 @@ def test_low_precision_inputs_are_upcast():
     logps, old, adv, mask = (jnp.asarray(x, jnp.bfloat16) for x in ppo_inputs(16))
     loss, _ = ppo_policy_loss(logps, old, adv, mask)
     assert loss.dtype == jnp.float32
+
+
+def test_ppo_value_loss_does_not_count_unclipped_tokens_as_clipped():
+    """Every update is strictly inside ±ε, so no token is clipped. Writing the clipped value as
+    ``old + clip(v - old, ±ε)`` rounds away from ``v`` in float32 on some of these tokens (then its error
+    can exceed the unclipped one by an ulp); ``clip(v, old - ε, old + ε)`` is ``v`` exactly."""
+    rng = np.random.default_rng(0)
+    old = (3.0 * rng.normal(size=2000)).astype(np.float32)
+    values = (old + rng.uniform(-0.19, 0.19, size=2000)).astype(np.float32)
+    returns = (old + rng.normal(size=2000)).astype(np.float32)
+    # The inputs do exercise the rounding: the old formula is not v on some tokens (numpy float32).
+    assert np.any(old + np.clip(values - old, np.float32(-0.2), np.float32(0.2)) != values)
+    shape = (40, 50)
+    v, o, r = (x.reshape(shape) for x in (values, old, returns))
+    mask = np.ones(shape, np.float32)
+    loss, metrics = jax.jit(functools.partial(losses.ppo_value_loss, clip_eps=0.2))(v, o, r, mask)
+    assert float(metrics["value/clip_fraction"]) == 0.0
+    np.testing.assert_allclose(loss, 0.5 * np.mean((v.astype(np.float64) - r) ** 2), rtol=1e-5)
+
+
+def np_hinge_dpo(pc, pr, rc, rr, beta):
+    h = (np.asarray(pc, np.float64) - rc) - (np.asarray(pr, np.float64) - rr)
+    return np.mean(np.maximum(0.0, 1.0 - beta * h))
+
+
+def test_hinge_dpo_loss():
+    """TRL's hinge: relu(1 - β h). Inputs on both sides of the kink; the gradient is -β/B per pair with
+    β h < 1 and 0 past the margin (finite differences away from the kink)."""
+    pc, pr, rc, rr = pref_inputs(20, B=8)
+    beta = 0.5
+    fn = functools.partial(losses.hinge_dpo_loss, beta=beta)
+    h = (pc.astype(np.float64) - rc) - (pr - rr)
+    assert np.any(beta * h > 1) and np.any(beta * h < 1) and np.min(np.abs(beta * h - 1)) > 1e-3
+    loss, metrics = jax.jit(fn)(pc, pr, rc, rr)
+    np.testing.assert_allclose(loss, np_hinge_dpo(pc, pr, rc, rr, beta), rtol=1e-5)
+    assert_metrics_scalar(metrics)
+    np.testing.assert_allclose(metrics["rewards/margin"], np.mean(beta * h), rtol=1e-4, atol=1e-5)
+    check_grad(fn, lambda *a: np_hinge_dpo(*a, beta), (pc, pr, rc, rr), (0, 1), atol=1e-5)
+    with pytest.raises(ValueError, match="beta"):
+        losses.hinge_dpo_loss(pc, pr, rc, rr, beta=0.0)
+
+
+def np_robust_dpo(pc, pr, rc, rr, beta, eps):
+    h = beta * ((np.asarray(pc, np.float64) - rc) - (np.asarray(pr, np.float64) - rr))
+    return np.mean((-(1 - eps) * np_logsig(h) + eps * np_logsig(-h)) / (1 - 2 * eps))
+
+
+@pytest.mark.parametrize("beta,eps", [(0.1, 0.0), (0.5, 0.2), (0.3, 0.45)])
+def test_robust_dpo_loss(beta, eps):
+    pc, pr, rc, rr = pref_inputs(21)
+    fn = functools.partial(losses.robust_dpo_loss, beta=beta, label_smoothing=eps)
+    loss, metrics = jax.jit(fn)(pc, pr, rc, rr)
+    np.testing.assert_allclose(loss, np_robust_dpo(pc, pr, rc, rr, beta, eps), rtol=1e-5)
+    assert_metrics_scalar(metrics)
+    check_grad(fn, lambda *a: np_robust_dpo(*a, beta, eps), (pc, pr, rc, rr), (0, 1))
+    if eps == 0.0:  # no flips: plain DPO
+        np.testing.assert_allclose(loss, np_dpo(pc, pr, rc, rr, beta, 0.0), rtol=1e-5)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        losses.robust_dpo_loss(pc, pr, rc, rr, label_smoothing=0.5)

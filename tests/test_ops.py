@@ -1,4 +1,5 @@
 """Tests for jaxrlhf.ops against independent numpy / plain-Python re-derivations."""
+import functools
 import math
 
 import jax
@@ -372,3 +373,33 @@ def test_group_advantages_validation(fn):
         fn(jnp.zeros((4, 1)))
     with pytest.raises(ValueError, match=r"\[B, N\]"):
         fn(jnp.zeros((4,)))
+
+
+def _finite_group_reference(scores, fn):
+    """Apply ``fn(finite scores of one group) -> their advantages`` per row (float64); non-finite -> 0."""
+    out = np.zeros(scores.shape)
+    for b in range(scores.shape[0]):
+        ok = np.isfinite(scores[b])
+        if ok.sum() >= 2:
+            out[b, ok] = fn(scores[b, ok].astype(np.float64))
+    return out
+
+
+def test_group_advantages_leave_unscorable_rewards_out_of_the_baseline():
+    """A NaN/inf score (an unscorable completion) is left out of its group's baseline and gets advantage 0;
+    the other completions of the group keep finite advantages computed from the finite scores only."""
+    rng = np.random.default_rng(16)
+    scores = rng.normal(size=(5, 4)).astype(np.float32)
+    scores[0, 1] = np.nan
+    scores[1, [0, 3]] = [np.inf, np.nan]
+    scores[2, :3] = np.nan          # one finite score: no baseline, advantage 0
+    scores[3, :] = np.nan           # nothing scorable
+    for fn, ref_fn in [
+        (grpo_advantages, lambda r: (r - r.mean()) / (r.std(ddof=1) + 1e-4)),
+        (functools.partial(grpo_advantages, scale=False), lambda r: r - r.mean()),
+        (rloo_advantages, lambda r: r - (r.sum() - r) / (len(r) - 1)),
+    ]:
+        got = np.asarray(fn(scores))
+        assert np.all(np.isfinite(got))
+        np.testing.assert_allclose(got, _finite_group_reference(scores, ref_fn), rtol=1e-5, atol=1e-5)
+        assert np.all(got[~np.isfinite(scores)] == 0)

@@ -28,8 +28,8 @@ from jaxrlhf.train_state import init_sharded_state, make_optimizer
 V, EOS, TARGET = 16, 1, 3
 MODEL = ModelConfig(family="llama", vocab_size=V, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                     num_kv_heads=2, max_position_embeddings=32)
-CFG = C.PPOConfig(rollout=C.RolloutConfig(max_new_tokens=8), kl=C.KLConfig(coef=0.05), epochs=4,
-                  num_minibatches=2, vf_coef=0.5)
+CFG = C.PPOConfig(rollout=C.RolloutConfig(max_new_tokens=8), kl=C.KLConfig(coef=0.05), vf_coef=0.5,
+                  update=C.UpdateConfig(epochs=4, num_minibatches=2, aggregation="token", whiten_advantages=True))
 ROWS, P = 32, 5
 REWARD = count_token(TARGET)
 
@@ -240,13 +240,14 @@ def test_sharded_iteration_equals_single_device(model, tx, one_device_iteration,
 
 
 def test_config_validation_names_fields():
-    base = C.ExperimentConfig(algo=CFG)
-    base.data.source, base.data.max_length, base.data.max_prompt_length = "x", 16, 8
+    base = C.ExperimentConfig(algo=CFG, data=C.DataConfig(source="x", max_length=16, max_prompt_length=8))
     C.validate(base)
     bad = [("algo.rollout.num_completions", dataclasses.replace(CFG, rollout=C.RolloutConfig(max_new_tokens=8,
                                                                                           num_completions=0))),
            ("data.max_length", dataclasses.replace(CFG, rollout=C.RolloutConfig(max_new_tokens=9))),
-           ("algo.num_minibatches", dataclasses.replace(CFG, num_minibatches=3)),
+           ("algo.update.num_minibatches",
+            dataclasses.replace(CFG, update=dataclasses.replace(CFG.update, num_minibatches=3))),
+           ("algo.update.clip_eps", dataclasses.replace(CFG, update=dataclasses.replace(CFG.update, clip_eps=0.0))),
            ("algo.kl.target", dataclasses.replace(CFG, kl=C.KLConfig(target=0.0))),
            ("algo.reward", dataclasses.replace(CFG, reward=C.RewardSpec())),
            ("algo.dual_clip", dataclasses.replace(CFG, dual_clip=0.5))]
@@ -254,10 +255,15 @@ def test_config_validation_names_fields():
         cfg = dataclasses.replace(base, algo=algo)
         with pytest.raises(C.ConfigError, match=field.replace(".", r"\.")):
             C.validate(cfg)
-    # Dotted overrides reach the frozen sections.
-    C.apply_override(base, "algo.kl.coef", "0.3")
-    C.apply_override(base, "algo.reward.functions", "jaxrlhf.rewards:word_count")
-    assert base.algo.kl.coef == 0.3 and base.algo.reward.functions == ("jaxrlhf.rewards:word_count",)
+    # Dotted overrides reach the nested frozen sections and return a new config (the old one is unchanged).
+    cfg = C.apply_override(base, "algo.kl.coef", "0.3")
+    cfg = C.apply_override(cfg, "algo.reward.functions", "jaxrlhf.rewards:word_count")
+    cfg = C.apply_override(cfg, "algo.update.epochs", "2")
+    assert cfg.algo.kl.coef == 0.3 and cfg.algo.reward.functions == ("jaxrlhf.rewards:word_count",)
+    assert cfg.algo.update == dataclasses.replace(CFG.update, epochs=2) and cfg.algo.kl.estimator == CFG.kl.estimator
+    assert base.algo.kl.coef == 0.05 and base.algo.update.epochs == 4
+    with pytest.raises(C.ConfigError, match="read-only"):
+        C.apply_override(base, "algo.kind", "grpo")
 
 
 @pytest.mark.slow

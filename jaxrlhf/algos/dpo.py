@@ -18,18 +18,10 @@ come either from frozen ``ref_params`` inside the step (``jax.lax.stop_gradient`
 the data (:func:`precompute_reference`, ``cfg.reference = "precomputed"``; the step then needs no
 reference model). Reference-free losses (SimPO, ORPO) use neither.
 
-:data:`LOSSES` maps ``cfg.loss`` to an adapter that calls the pure loss from :mod:`jaxrlhf.losses`:
-
-=======  ============================  =========================================================
-loss     log-probs                     function
-=======  ============================  =========================================================
-dpo      sums                          :func:`~jaxrlhf.losses.dpo_loss` (``label_smoothing`` = cDPO)
-ipo      length-averaged (as TRL)      :func:`~jaxrlhf.losses.ipo_loss`
-simpo    length-averaged, no ref       :func:`~jaxrlhf.losses.simpo_loss`
-orpo     length-averaged, no ref       :func:`~jaxrlhf.losses.orpo_loss` (NLL = mean chosen token NLL)
-kto      sums                          :func:`~jaxrlhf.losses.kto_loss` with
-                                       :func:`~jaxrlhf.losses.kto_kl_reference_point` on index 1
-=======  ============================  =========================================================
+:data:`jaxrlhf.algos.dpo_losses.PREFERENCE_LOSSES` describes each loss once (its function in
+:mod:`jaxrlhf.losses`, whether it needs a reference, summed or length-normalised log-probs, whether it
+reads ``label_smoothing``, paired or KTO data); the config's validation, the step and the held-out metrics
+all read it. Members: dpo (cDPO with ``label_smoothing``), ipo, hinge, robust, simpo, orpo, kto.
 
 The loss is a mean over examples (pairs, or KTO completions), returned to :func:`gradient_step` as a sum
 with the example count as normaliser (exact accumulation). Metrics: ``loss``, ``rewards/chosen``,
@@ -49,23 +41,10 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxrlhf.algos.dpo_losses import PREFERENCE_LOSSES, SeqLogps
 from jaxrlhf.config import DPOConfig
-from jaxrlhf.losses import dpo_loss, ipo_loss, kto_kl_reference_point, kto_loss, orpo_loss, simpo_loss
 from jaxrlhf.ops import next_token_logprobs, sequence_logprobs
 from jaxrlhf.train_state import TrainState, gradient_step
-
-
-class SeqLogps(NamedTuple):
-    """Per-sequence completion log-probabilities: ``sums`` (nats) and ``counts`` (completion tokens), both
-    float32 with the batch's leading shape (``[B, 2]``)."""
-
-    sums: jax.Array
-    counts: jax.Array
-
-    @property
-    def means(self) -> jax.Array:
-        """Length-normalised log-probs (``sums / counts``; 0 for an empty completion)."""
-        return self.sums / jnp.maximum(self.counts, 1.0)
 
 
 def sequence_logps(graphdef: nnx.GraphDef, params: Any, batch: dict) -> SeqLogps:
@@ -102,42 +81,14 @@ def reference_sums(graphdef: nnx.GraphDef, ref_params: Any | None, batch: dict) 
     return jax.lax.stop_gradient(sequence_logps(graphdef, jax.lax.stop_gradient(ref_params), batch).sums)
 
 
-# ------------------------------------------------------------------------------ loss adapters
-# Each: (policy SeqLogps [B, 2], reference sums [B, 2] or None, batch, cfg) -> (loss, metrics).
-
-def _dpo(pol: SeqLogps, ref, batch, cfg: DPOConfig):
-    return dpo_loss(pol.sums[:, 0], pol.sums[:, 1], ref[:, 0], ref[:, 1], beta=cfg.beta,
-                    label_smoothing=cfg.label_smoothing)
-
-
-def _ipo(pol: SeqLogps, ref, batch, cfg: DPOConfig):
-    ref_means = ref / jnp.maximum(pol.counts, 1.0)
-    return ipo_loss(pol.means[:, 0], pol.means[:, 1], ref_means[:, 0], ref_means[:, 1], beta=cfg.beta)
-
-
-def _simpo(pol: SeqLogps, ref, batch, cfg: DPOConfig):
-    return simpo_loss(pol.means[:, 0], pol.means[:, 1], beta=cfg.beta,
-                      gamma_beta_ratio=cfg.simpo_gamma_beta_ratio, label_smoothing=cfg.label_smoothing)
-
-
-def _orpo(pol: SeqLogps, ref, batch, cfg: DPOConfig):
-    return orpo_loss(pol.means[:, 0], pol.means[:, 1], -pol.means[:, 0], beta=cfg.beta)
-
-
-def _kto(pol: SeqLogps, ref, batch, cfg: DPOConfig):
-    z0 = kto_kl_reference_point(pol.sums[:, 1], ref[:, 1])
-    return kto_loss(pol.sums[:, 0], ref[:, 0], batch["desirable"], z0, beta=cfg.beta,
-                    desirable_weight=cfg.kto_desirable_weight, undesirable_weight=cfg.kto_undesirable_weight)
-
-
-LOSSES: dict[str, Callable] = {"dpo": _dpo, "ipo": _ipo, "simpo": _simpo, "orpo": _orpo, "kto": _kto}
-
-
 def dpo_family_loss(params, batch: dict, ref_params: Any | None, *, graphdef: nnx.GraphDef, cfg: DPOConfig):
-    """``(loss_sum, (num_examples, metrics))`` for :func:`gradient_step` (the loss of ``cfg.loss``)."""
+    """``(loss_sum, (num_examples, metrics))`` for :func:`gradient_step`: the loss of
+    ``PREFERENCE_LOSSES[cfg.loss]`` on the policy's (and, when the loss uses one, the reference's)
+    sequence log-probs."""
+    entry = PREFERENCE_LOSSES[cfg.loss]
     pol = sequence_logps(graphdef, params, batch)
-    ref = reference_sums(graphdef, ref_params, batch) if cfg.uses_reference else None
-    loss, metrics = LOSSES[cfg.loss](pol, ref, batch, cfg)
+    ref = reference_sums(graphdef, ref_params, batch) if entry.uses_reference else None
+    loss, metrics = entry(pol, ref, batch, cfg)
     n = jnp.asarray(batch["tokens"].shape[0], jnp.float32)
     return loss * n, (n, metrics)
 
@@ -154,18 +105,6 @@ def dpo_step(state: TrainState, batch: dict, ref_params: Any | None = None, *, g
     return gradient_step(state, batch, loss_fn=loss_fn, tx=tx, grad_accum_steps=grad_accum_steps)
 
 
-def implicit_rewards(cfg: DPOConfig, sums, counts, ref_sums=None):
-    """Implicit rewards ``[B, 2]`` of each sequence as the loss defines them (numpy or jax arrays):
-    ``β (π - ref)`` on sums (dpo, kto), ``β (π̄ - ref̄)`` on length-averaged log-probs (ipo), ``β π̄``
-    (reference-free simpo, orpo)."""
-    if cfg.loss in ("dpo", "kto"):
-        return cfg.beta * (sums - ref_sums)
-    means = sums / np.maximum(counts, 1.0)
-    if cfg.loss == "ipo":
-        return cfg.beta * (means - ref_sums / np.maximum(counts, 1.0))
-    return cfg.beta * means
-
-
 def eval_logps(params, batch: dict, *, graphdef: nnx.GraphDef) -> dict:
     """Eval forward: ``{"sums", "counts"}`` ``[B, 2]`` of the policy (jit it)."""
     pol = sequence_logps(graphdef, params, batch)
@@ -173,14 +112,15 @@ def eval_logps(params, batch: dict, *, graphdef: nnx.GraphDef) -> dict:
 
 
 def eval_metrics(cfg: DPOConfig, outputs: dict, batch: dict) -> dict:
-    """Held-out preference metrics over the real pairs (host, numpy): ``reward_accuracy`` (fraction with
-    chosen implicit reward > rejected), ``reward_margin`` (mean difference), ``reward_chosen``,
+    """Held-out preference metrics over the real pairs (host, numpy), with the implicit rewards of
+    ``cfg.loss`` (:meth:`~jaxrlhf.algos.dpo_losses.PreferenceLoss.implicit_rewards`): ``reward_accuracy``
+    (fraction with chosen implicit reward > rejected), ``reward_margin`` (mean difference), ``reward_chosen``,
     ``reward_rejected``, ``logps_chosen``, ``logps_rejected`` (policy sums), ``pairs``."""
     valid = np.asarray(batch["segment_ids"]).any(-1).all(-1)
     sums = np.asarray(outputs["sums"], np.float64)[valid]
     counts = np.asarray(outputs["counts"], np.float64)[valid]
     ref = np.asarray(batch["reference_logps"], np.float64)[valid] if "reference_logps" in batch else None
-    r = implicit_rewards(cfg, sums, counts, ref)
+    r = PREFERENCE_LOSSES[cfg.loss].implicit_rewards(cfg.beta, sums, counts, ref, xp=np)
     d = r[:, 0] - r[:, 1]
     return {"reward_accuracy": float(np.mean(d > 0)), "reward_margin": float(np.mean(d)),
             "reward_chosen": float(np.mean(r[:, 0])), "reward_rejected": float(np.mean(r[:, 1])),

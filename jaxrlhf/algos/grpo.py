@@ -25,12 +25,12 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxrlhf.algos.rollout import (LM_KEYS, RLAlgorithm, advantage_metrics, aggregate, aggregate_normaliser,
+from jaxrlhf.algos.rollout import (LM_KEYS, RLAlgorithm, advantage_metrics, aggregate_normaliser,
                                    kl_controller_update, minibatch_epochs, rollout_metrics, sequence_kl,
                                    shape_scores, token_entropy, token_logps, train_rl)
 from jaxrlhf.config import GRPOConfig, RLOOConfig
 from jaxrlhf.losses import ppo_policy_loss
-from jaxrlhf.ops import grpo_advantages, kl_k3, kl_penalty, masked_whiten, rloo_advantages
+from jaxrlhf.ops import grpo_advantages, kl_k3, kl_penalty, masked_aggregate, masked_whiten, rloo_advantages
 from jaxrlhf.train_state import TrainState
 
 __all__ = ["PolicyGraphs", "policy_init_params", "grpo_experience", "rloo_experience", "critic_free_loss",
@@ -75,7 +75,7 @@ def _experience(state: TrainState, ref_params, lm: dict, truncated_B, scores_B, 
     metrics = {**rollout_metrics(scores_B, shaped, logps, ref_logps, non_score, mask, truncated_B, coef),
                **advantage_metrics(adv, mask),
                "score/group_std": jnp.mean(jnp.std(shaped.reshape(-1, G), axis=-1))}
-    if cfg.whiten_advantages:
+    if cfg.update.whiten_advantages:
         adv = masked_whiten(adv, mask)
     exp = {**lm, "old_logps": logps, "ref_logps": ref_logps, "advantages": adv, "scores": shaped}
     return jax.lax.stop_gradient(exp), metrics
@@ -99,22 +99,23 @@ def rloo_experience(state, ref_params, lm, truncated_B, scores_B, *, graphs, cfg
 
 def critic_free_loss(params, mb: dict, *, graphs: PolicyGraphs, cfg, kl_coef):
     """``(loss · n, (n, metrics))``: clipped policy loss + ``kl_coef`` · k3 KL to the reference (GRPO; pass
-    ``kl_coef=None`` for none) − ``entropy_coef`` · entropy, aggregated by ``cfg.aggregation``."""
+    ``kl_coef=None`` for none) − ``update.entropy_coef`` · entropy, aggregated by ``cfg.update.aggregation``."""
     T = cfg.rollout.temperature
     mask = mb["completion_mask"]
     logps, out = token_logps(graphs.policy, params["policy"], mb, T)
-    loss, metrics = ppo_policy_loss(logps, mb["old_logps"], mb["advantages"], mask, clip_eps=cfg.clip_eps,
-                                    clip_eps_high=cfg.clip_eps_high, aggregation=cfg.aggregation)
+    u = cfg.update
+    loss, metrics = ppo_policy_loss(logps, mb["old_logps"], mb["advantages"], mask, clip_eps=u.clip_eps,
+                                    clip_eps_high=u.clip_eps_high, aggregation=u.aggregation)
     metrics = {k: v for k, v in metrics.items() if k != "loss"}
     if kl_coef is not None:
-        kl = aggregate(jnp.where(mask > 0, kl_k3(logps, mb["ref_logps"]), 0.0), mask, cfg.aggregation)
+        kl = masked_aggregate(jnp.where(mask > 0, kl_k3(logps, mb["ref_logps"]), 0.0), mask, u.aggregation)
         loss = loss + kl_coef * kl
         metrics["kl/loss_k3"] = jax.lax.stop_gradient(kl)
-    logits = out.logits_BTV if cfg.entropy_coef else jax.lax.stop_gradient(out.logits_BTV)
-    ent = aggregate(token_entropy(logits, T), mask, cfg.aggregation)
-    loss = loss - cfg.entropy_coef * ent
+    logits = out.logits_BTV if u.entropy_coef else jax.lax.stop_gradient(out.logits_BTV)
+    ent = masked_aggregate(token_entropy(logits, T), mask, u.aggregation)
+    loss = loss - u.entropy_coef * ent
     metrics["policy/entropy"] = jax.lax.stop_gradient(ent)
-    n = aggregate_normaliser(mask, cfg.aggregation)
+    n = aggregate_normaliser(mask, u.aggregation)
     return loss * n, (n, metrics)
 
 
@@ -125,8 +126,8 @@ def _update(state, exp, key, *, graphs, tx, cfg, grad_accum_steps, kl_coef, kl_c
     step0 = state.step
     data = {k: exp[k] for k in _UPDATE_KEYS}
     loss_fn = functools.partial(critic_free_loss, graphs=graphs, cfg=cfg, kl_coef=kl_coef)
-    state, metrics = minibatch_epochs(state, data, key, loss_fn=loss_fn, tx=tx, epochs=cfg.epochs,
-                                      num_minibatches=cfg.num_minibatches, grad_accum_steps=grad_accum_steps)
+    state, metrics = minibatch_epochs(state, data, key, loss_fn=loss_fn, tx=tx, epochs=cfg.update.epochs,
+                                      num_minibatches=cfg.update.num_minibatches, grad_accum_steps=grad_accum_steps)
     extra = state.extra
     if kl_cfg is not None:
         extra = kl_controller_update(extra, sequence_kl(exp["old_logps"], exp["ref_logps"], exp["completion_mask"]),

@@ -13,12 +13,13 @@ Rollout (:func:`ppo_experience`, one jit after sampling and scoring; see :mod:`j
 4. optional reward whitening, then ``GAE(γ, λ)`` advantages and returns ``A_t + V_t``; optional advantage
    whitening over the rollout's completion tokens.
 
-Update (:func:`ppo_update`, one jit): ``epochs`` × ``num_minibatches`` minibatch steps in a nested
-``lax.scan``; loss = clipped policy loss (asymmetric ε and dual-clip optional) + ``vf_coef`` · clipped
-value loss − ``entropy_coef`` · entropy, aggregated per token (default: every completion token weighs the
-same) or per sequence (token mean within a completion, then mean over completions). Then the KL
-controller (fixed, or Ziegler's adaptive rule) updates ``β`` in ``TrainState.extra["kl"]``; ``state.step``
-counts iterations (the optimizer's own count drives the learning-rate schedule).
+Update (:func:`ppo_update`, one jit; settings in ``cfg.update``, :class:`~jaxrlhf.config.UpdateConfig`):
+``epochs`` × ``num_minibatches`` minibatch steps in a nested ``lax.scan``; loss = clipped policy loss
+(asymmetric ε and dual-clip optional) + ``vf_coef`` · clipped value loss − ``entropy_coef`` · entropy,
+aggregated per token (default: every completion token weighs the same) or per sequence (token mean within
+a completion, then mean over completions). Then the KL controller (fixed, or Ziegler's adaptive rule)
+updates ``β`` in ``TrainState.extra["kl"]``; ``state.step`` counts iterations (the optimizer's own count
+drives the learning-rate schedule).
 
 Critic: ``separate`` (default) is a second copy of the policy's decoder with a scalar head, initialised
 from the policy; the value loss cannot disturb the policy's representation (InstructGPT / TRL's setup),
@@ -40,14 +41,14 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxrlhf.algos.rollout import (LM_KEYS, RLAlgorithm, advantage_metrics, aggregate, aggregate_normaliser, copy_tree,
+from jaxrlhf.algos.rollout import (LM_KEYS, RLAlgorithm, advantage_metrics, aggregate_normaliser, copy_tree,
                                    explained_variance, kl_controller_update, minibatch_epochs, per_token_rewards,
                                    rollout_metrics, sequence_kl, shape_scores, shift_values, token_entropy,
                                    token_logps, train_rl)
 from jaxrlhf.config import PPOConfig
 from jaxrlhf.losses import ppo_policy_loss, ppo_value_loss
 from jaxrlhf.models.heads import ScalarHead
-from jaxrlhf.ops import gae, kl_penalty, masked_mean, masked_whiten
+from jaxrlhf.ops import gae, kl_penalty, masked_aggregate, masked_mean, masked_whiten
 from jaxrlhf.train_state import TrainState
 
 __all__ = ["PPOGraphs", "copy_tree", "ppo_init_params", "policy_and_values", "ppo_experience", "ppo_loss", "ppo_update",
@@ -116,7 +117,7 @@ def ppo_experience(state: TrainState, ref_params, lm: dict, truncated_B, scores_
                **advantage_metrics(adv, mask),
                "value/explained_variance": explained_variance(values, returns, mask),
                "value/rollout_mean": masked_mean(values, mask), "returns/mean": masked_mean(returns, mask)}
-    if cfg.whiten_advantages:
+    if cfg.update.whiten_advantages:
         adv = masked_whiten(adv, mask)
     exp = {**lm, "old_logps": logps, "ref_logps": ref_logps, "old_values": values, "kl": kl, "rewards": rewards,
            "advantages": adv, "returns": returns, "scores": shaped}
@@ -125,19 +126,20 @@ def ppo_experience(state: TrainState, ref_params, lm: dict, truncated_B, scores_
 
 def ppo_loss(params, mb: dict, *, graphs: PPOGraphs, cfg: PPOConfig):
     """``(loss · n, (n, metrics))`` for :func:`jaxrlhf.train_state.gradient_step` (``n`` = completion tokens
-    or completions, by ``cfg.aggregation``): clipped policy loss + ``vf_coef`` · value loss −
-    ``entropy_coef`` · entropy."""
+    or completions, by ``cfg.update.aggregation``): clipped policy loss + ``vf_coef`` · value loss −
+    ``update.entropy_coef`` · entropy."""
     T = cfg.rollout.temperature
     mask = mb["completion_mask"]
     logps, values, logits = policy_and_values(params, mb, graphs=graphs, critic=cfg.critic, temperature=T)
-    pg, pg_m = ppo_policy_loss(logps, mb["old_logps"], mb["advantages"], mask, clip_eps=cfg.clip_eps,
-                               clip_eps_high=cfg.clip_eps_high, dual_clip=cfg.dual_clip, aggregation=cfg.aggregation)
+    u = cfg.update
+    pg, pg_m = ppo_policy_loss(logps, mb["old_logps"], mb["advantages"], mask, clip_eps=u.clip_eps,
+                               clip_eps_high=u.clip_eps_high, dual_clip=cfg.dual_clip, aggregation=u.aggregation)
     vf, vf_m = ppo_value_loss(values, mb["old_values"], mb["returns"], mask, clip_eps=cfg.value_clip_eps,
-                              aggregation=cfg.aggregation)
-    ent_BS = token_entropy(logits if cfg.entropy_coef else jax.lax.stop_gradient(logits), T)
-    ent = aggregate(ent_BS, mask, cfg.aggregation)
-    loss = pg + cfg.vf_coef * vf - cfg.entropy_coef * ent
-    n = aggregate_normaliser(mask, cfg.aggregation)
+                              aggregation=u.aggregation)
+    ent_BS = token_entropy(logits if u.entropy_coef else jax.lax.stop_gradient(logits), T)
+    ent = masked_aggregate(ent_BS, mask, u.aggregation)
+    loss = pg + cfg.vf_coef * vf - u.entropy_coef * ent
+    n = aggregate_normaliser(mask, u.aggregation)
     metrics = {k: v for k, v in {**pg_m, **vf_m}.items() if k != "loss"}
     metrics["policy/entropy"] = jax.lax.stop_gradient(ent)
     return loss * n, (n, metrics)
@@ -148,13 +150,13 @@ UPDATE_KEYS = (*LM_KEYS, "old_logps", "old_values", "advantages", "returns")
 
 def ppo_update(state: TrainState, exp: dict, key, *, graphs: PPOGraphs, tx: optax.GradientTransformation,
                cfg: PPOConfig, grad_accum_steps: int = 1) -> tuple[TrainState, dict]:
-    """``cfg.epochs`` × ``cfg.num_minibatches`` optimizer steps on one rollout, then the KL controller
-    (pure; jit it and donate the state). ``state.step`` advances by one (an iteration)."""
+    """``cfg.update.epochs`` × ``cfg.update.num_minibatches`` optimizer steps on one rollout, then the KL
+    controller (pure; jit it and donate the state). ``state.step`` advances by one (an iteration)."""
     step0 = state.step
     data = {k: exp[k] for k in UPDATE_KEYS}
     loss_fn = functools.partial(ppo_loss, graphs=graphs, cfg=cfg)
-    state, metrics = minibatch_epochs(state, data, key, loss_fn=loss_fn, tx=tx, epochs=cfg.epochs,
-                                      num_minibatches=cfg.num_minibatches, grad_accum_steps=grad_accum_steps)
+    state, metrics = minibatch_epochs(state, data, key, loss_fn=loss_fn, tx=tx, epochs=cfg.update.epochs,
+                                      num_minibatches=cfg.update.num_minibatches, grad_accum_steps=grad_accum_steps)
     seq_kl = sequence_kl(exp["old_logps"], exp["ref_logps"], exp["completion_mask"])
     extra = kl_controller_update(state.extra, seq_kl, cfg.kl)
     return state.replace(step=step0 + 1, extra=extra), metrics

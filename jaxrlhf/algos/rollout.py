@@ -35,7 +35,6 @@ import optax
 from flax import nnx
 
 from jaxrlhf.kl_control import adaptive_kl_update, init_kl_controller
-from jaxrlhf.losses import _aggregate
 from jaxrlhf.models.heads import last_token_index
 from jaxrlhf.ops import entropy_from_logits, kl_k1, masked_mean, masked_var, next_token_logprobs
 from jaxrlhf.rewards import Completions, reward_parts
@@ -102,14 +101,20 @@ def shift_values(values_BS: jax.Array) -> jax.Array:
 def shape_scores(scores_B: jax.Array, truncated_B: jax.Array, rollout) -> jax.Array:
     """Scores after the rollout's shaping, in this order: subtract ``missing_eos_penalty`` from
     completions without EOS; multiply by ``score_scale``; whiten over the batch (``whiten_scores``);
-    clip to ``±score_clip`` (when > 0). float32 ``[B]``."""
+    clip to ``±score_clip`` (when > 0). float32 ``[B]``.
+
+    A non-finite score (an unscorable completion) stays non-finite and is left out of the whitening
+    statistics, so it does not spread to the other rows (the group advantages then give it 0)."""
     s = scores_B.astype(jnp.float32)
     if rollout.missing_eos_penalty:
         s = s - rollout.missing_eos_penalty * truncated_B.astype(jnp.float32)
     if rollout.score_scale != 1.0:
         s = s * rollout.score_scale
     if rollout.whiten_scores:
-        s = (s - jnp.mean(s)) / (jnp.std(s) + 1e-8)
+        finite = jnp.isfinite(s)
+        mean = masked_mean(jnp.where(finite, s, 0.0), finite)
+        std = jnp.sqrt(masked_mean(jnp.where(finite, jnp.square(s - mean), 0.0), finite))
+        s = (s - mean) / (std + 1e-8)
     if rollout.score_clip > 0:
         s = jnp.clip(s, -rollout.score_clip, rollout.score_clip)
     return s
@@ -197,11 +202,6 @@ def aggregate_normaliser(mask_BS: jax.Array, aggregation: str) -> jax.Array:
     (``sequence``); ``loss * count`` summed over micro-batches / ``Σ count`` is then exact."""
     m = (mask_BS > 0).astype(jnp.float32)
     return jnp.sum(m) if aggregation == "token" else jnp.sum(jnp.sum(m, axis=-1) > 0).astype(jnp.float32)
-
-
-def aggregate(x_BS, mask_BS, aggregation: str) -> jax.Array:
-    """Token-weighted mean (``token``) or mean of per-row means (``sequence``) over completion tokens."""
-    return _aggregate(x_BS, mask_BS, aggregation)
 
 
 def minibatch_epochs(state: TrainState, data: dict, key: jax.Array, *, loss_fn, tx: optax.GradientTransformation,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxrlhf.ops.masked import _as_float, _check_same_shape
+from jaxrlhf.ops.masked import as_float, check_same_shape
 
 __all__ = ["gae"]
 
@@ -47,14 +47,14 @@ def gae(rewards_BT, values_BT, mask_BT, gamma: float, lam: float) -> tuple[jax.A
     Raises:
       ValueError: shapes differ, no time axis, or a Python ``gamma``/``lam`` outside ``[0, 1]``.
     """
-    shape = _check_same_shape(rewards_BT=rewards_BT, values_BT=values_BT, mask_BT=mask_BT)
+    shape = check_same_shape(rewards_BT=rewards_BT, values_BT=values_BT, mask_BT=mask_BT)
     if len(shape) < 1:
         raise ValueError("gae: inputs need a time axis (last axis), got scalars.")
     _check_discount("gamma", gamma)
     _check_discount("lam", lam)
 
-    rewards = jnp.moveaxis(_as_float(rewards_BT), -1, 0)  # [T, ...]
-    values = jnp.moveaxis(_as_float(values_BT), -1, 0)
+    rewards = jnp.moveaxis(as_float(rewards_BT), -1, 0)  # [T, ...]
+    values = jnp.moveaxis(as_float(values_BT), -1, 0)
     valid = jnp.moveaxis(jnp.asarray(mask_BT) != 0, -1, 0)
     gamma = jnp.asarray(gamma, rewards.dtype)
     gamma_lam = gamma * jnp.asarray(lam, rewards.dtype)

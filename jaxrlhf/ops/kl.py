@@ -15,7 +15,7 @@ from typing import Callable, Literal
 import jax
 import jax.numpy as jnp
 
-from jaxrlhf.ops.masked import _as_float, _check_same_shape
+from jaxrlhf.ops.masked import as_float, check_same_shape
 
 __all__ = ["kl_k1", "kl_k2", "kl_k3", "kl_penalty", "KL_ESTIMATORS"]
 
@@ -33,8 +33,8 @@ def kl_k1(logps, ref_logps) -> jax.Array:
     Raises:
       ValueError: shapes differ.
     """
-    _check_same_shape(logps=logps, ref_logps=ref_logps)
-    return _as_float(logps) - _as_float(ref_logps)
+    check_same_shape(logps=logps, ref_logps=ref_logps)
+    return as_float(logps) - as_float(ref_logps)
 
 
 def kl_k2(logps, ref_logps) -> jax.Array:
@@ -45,8 +45,8 @@ def kl_k2(logps, ref_logps) -> jax.Array:
     Returns:
       float32 ``[...]``, >= 0.
     """
-    _check_same_shape(logps=logps, ref_logps=ref_logps)
-    return 0.5 * jnp.square(_as_float(logps) - _as_float(ref_logps))
+    check_same_shape(logps=logps, ref_logps=ref_logps)
+    return 0.5 * jnp.square(as_float(logps) - as_float(ref_logps))
 
 
 def kl_k3(logps, ref_logps) -> jax.Array:
@@ -60,8 +60,8 @@ def kl_k3(logps, ref_logps) -> jax.Array:
     Returns:
       float32 ``[...]``, >= 0 (0 exactly when ``logps == ref_logps``).
     """
-    _check_same_shape(logps=logps, ref_logps=ref_logps)
-    d = _as_float(ref_logps) - _as_float(logps)
+    check_same_shape(logps=logps, ref_logps=ref_logps)
+    d = as_float(ref_logps) - as_float(logps)
     return jnp.expm1(d) - d
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxrlhf.ops.masked import _as_float, _broadcast_mask, _safe_div
+from jaxrlhf.ops.masked import as_float, broadcast_mask, safe_div
 
 __all__ = ["token_logprobs", "next_token_logprobs", "sequence_logprobs", "entropy_from_logits"]
 
@@ -52,7 +52,7 @@ def token_logprobs(logits_BTV, targets_BT, temperature: float = 1.0) -> jax.Arra
     """
     _check_logits_targets(logits_BTV, targets_BT, "token_logprobs")
     _check_temperature(temperature)
-    logits = _as_float(logits_BTV)
+    logits = as_float(logits_BTV)
     if not (isinstance(temperature, (int, float)) and temperature == 1.0):
         logits = logits / temperature
     targets = jnp.asarray(targets_BT).astype(jnp.int32)
@@ -107,12 +107,12 @@ def sequence_logprobs(logps_BT, mask_BT, average: bool = False) -> jax.Array:
     Raises:
       ValueError: ``mask_BT`` does not broadcast to ``logps_BT``.
     """
-    logps = _as_float(logps_BT)
-    mask = _broadcast_mask(logps, mask_BT, "sequence_logprobs")
+    logps = as_float(logps_BT)
+    mask = broadcast_mask(logps, mask_BT, "sequence_logprobs")
     total = jnp.sum(jnp.where(mask != 0, logps * mask, 0.0), axis=-1)
     if not average:
         return total
-    return _safe_div(total, jnp.sum(mask, axis=-1))
+    return safe_div(total, jnp.sum(mask, axis=-1))
 
 
 def entropy_from_logits(logits_BTV, temperature: float = 1.0) -> jax.Array:
@@ -134,7 +134,7 @@ def entropy_from_logits(logits_BTV, temperature: float = 1.0) -> jax.Array:
     if jnp.ndim(logits_BTV) < 1:
         raise ValueError("entropy_from_logits: `logits` must have a vocabulary axis last.")
     _check_temperature(temperature)
-    logits = _as_float(logits_BTV)
+    logits = as_float(logits_BTV)
     if not (isinstance(temperature, (int, float)) and temperature == 1.0):
         logits = logits / temperature
     lse = jax.nn.logsumexp(logits, axis=-1)

@@ -15,21 +15,32 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-__all__ = ["masked_sum", "masked_mean", "masked_var", "masked_whiten"]
+__all__ = [
+    "AGGREGATIONS",
+    "as_float",
+    "broadcast_mask",
+    "check_same_shape",
+    "masked_aggregate",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "safe_div",
+]
 
 Axis = int | Sequence[int] | None
 
 
 # ----------------------------------------------------------------------------------------------------
-# Private helpers shared by jaxrlhf.ops and jaxrlhf.losses.
+# Array helpers shared by jaxrlhf.ops and jaxrlhf.losses.
 # ----------------------------------------------------------------------------------------------------
-def _as_float(x) -> jax.Array:
+def as_float(x) -> jax.Array:
     """``x`` as a jax array of a float dtype with at least float32 precision."""
     x = jnp.asarray(x)
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def _check_same_shape(**arrays) -> tuple[int, ...]:
+def check_same_shape(**arrays) -> tuple[int, ...]:
     """Raise ``ValueError`` unless every keyword array has the same shape; return that shape."""
     shapes = {name: tuple(jnp.shape(a)) for name, a in arrays.items()}
     first_name, first = next(iter(shapes.items()))
@@ -43,7 +54,7 @@ def _check_same_shape(**arrays) -> tuple[int, ...]:
     return first
 
 
-def _broadcast_mask(x: jax.Array, mask, fn: str) -> jax.Array:
+def broadcast_mask(x: jax.Array, mask, fn: str) -> jax.Array:
     """``mask`` broadcast to ``x.shape`` (float); raises if it cannot broadcast to exactly that shape."""
     mask = jnp.asarray(mask)
     try:
@@ -55,10 +66,10 @@ def _broadcast_mask(x: jax.Array, mask, fn: str) -> jax.Array:
             f"{fn}: `mask` with shape {list(mask.shape)} does not broadcast to `x` with shape "
             f"{list(x.shape)}; pass a mask with the same shape as `x`."
         )
-    return jnp.broadcast_to(_as_float(mask), x.shape)
+    return jnp.broadcast_to(as_float(mask), x.shape)
 
 
-def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
+def safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
     """``num / den`` where ``den != 0``, else 0 (gradient-safe)."""
     nonzero = den != 0
     return jnp.where(nonzero, num / jnp.where(nonzero, den, 1.0), 0.0)
@@ -82,8 +93,8 @@ def masked_sum(x, mask, axis: Axis = None, keepdims: bool = False) -> jax.Array:
     Raises:
       ValueError: ``mask`` does not broadcast to ``x.shape``.
     """
-    x = _as_float(x)
-    m = _broadcast_mask(x, mask, "masked_sum")
+    x = as_float(x)
+    m = broadcast_mask(x, mask, "masked_sum")
     return jnp.sum(jnp.where(m != 0, x * m, 0.0), axis=axis, keepdims=keepdims)
 
 
@@ -106,11 +117,11 @@ def masked_mean(x, mask, axis: Axis = None, keepdims: bool = False) -> jax.Array
     Raises:
       ValueError: ``mask`` does not broadcast to ``x.shape``.
     """
-    x = _as_float(x)
-    m = _broadcast_mask(x, mask, "masked_mean")
+    x = as_float(x)
+    m = broadcast_mask(x, mask, "masked_mean")
     total = jnp.sum(jnp.where(m != 0, x * m, 0.0), axis=axis, keepdims=keepdims)
     count = jnp.sum(m, axis=axis, keepdims=keepdims)
-    return _safe_div(total, count)
+    return safe_div(total, count)
 
 
 def masked_var(x, mask, unbiased: bool = True, axis: Axis = None, keepdims: bool = False) -> jax.Array:
@@ -134,8 +145,8 @@ def masked_var(x, mask, unbiased: bool = True, axis: Axis = None, keepdims: bool
     Raises:
       ValueError: ``mask`` does not broadcast to ``x.shape``.
     """
-    x = _as_float(x)
-    m = _broadcast_mask(x, mask, "masked_var")
+    x = as_float(x)
+    m = broadcast_mask(x, mask, "masked_var")
     mean = masked_mean(x, m, axis=axis, keepdims=True)
     var = masked_mean(jnp.square(x - mean), m, axis=axis, keepdims=keepdims)
     if unbiased:
@@ -165,11 +176,42 @@ def masked_whiten(x, mask, shift_mean: bool = True, eps: float = 1e-8) -> jax.Ar
     Raises:
       ValueError: ``mask`` does not broadcast to ``x.shape``.
     """
-    x = _as_float(x)
-    m = _broadcast_mask(x, mask, "masked_whiten")
+    x = as_float(x)
+    m = broadcast_mask(x, mask, "masked_whiten")
     mean = masked_mean(x, m)
     var = masked_var(x, m, unbiased=True)
     out = (x - mean) * jax.lax.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
     return jnp.where(m != 0, out, 0.0)
+
+
+AGGREGATIONS = ("token", "sequence")
+
+
+def masked_aggregate(x, mask, aggregation: str) -> jax.Array:
+    """Reduce per-token ``x [..., T]`` to a scalar the way a policy loss is aggregated.
+
+    ``"token"``: :func:`masked_mean` over every valid token of the array (each token weighs the same,
+    longer rows weigh more). ``"sequence"``: the masked mean of each row over ``T``, then the mean over
+    rows that have at least one valid token (each completion weighs the same; rows without tokens are
+    skipped, and the result is 0 if there are none).
+
+    Args:
+      x: float ``[..., T]``.
+      mask: ``[..., T]`` (bool/int/float), nonzero on tokens that count.
+      aggregation: ``"token"`` or ``"sequence"``.
+
+    Returns:
+      float scalar.
+
+    Raises:
+      ValueError: unknown ``aggregation``; ``mask`` does not broadcast to ``x.shape``.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"`aggregation` must be one of {AGGREGATIONS}, got {aggregation!r}.")
+    if aggregation == "token":
+        return masked_mean(x, mask)
+    row_mean = masked_mean(x, mask, axis=-1)
+    has_tokens = jnp.sum(as_float(mask), axis=-1) > 0
+    return safe_div(jnp.sum(jnp.where(has_tokens, row_mean, 0.0)), jnp.sum(has_tokens.astype(row_mean.dtype)))
