@@ -49,7 +49,8 @@ def bench_jax(batch_np, warmup, repeats):
     from jaxrlhf.config import DPOConfig, OptimConfig
     from jaxrlhf.models.hub import load_pretrained
     from jaxrlhf.sharding import MeshConfig, make_mesh
-    from jaxrlhf.train_state import init_sharded_state, jit_step, make_optimizer, place_batch
+    from jaxrlhf.sharding import place_batch
+from jaxrlhf.train_state import init_sharded_state, jit_step, make_optimizer
 
     pre = load_pretrained("smollm2-135m-instruct")
     graphdef, params = nnx.split(pre.model)

@@ -61,13 +61,13 @@ def bench_jax(kind: str, texts: list[str], warmup: int, repeats: int) -> dict:
 
     from jaxrlhf import config as C
     from jaxrlhf.algos import grpo, ppo
-    from jaxrlhf.algos.rollout import (init_extra, lm_of, make_rl_functions, place_rows, repeat_prompts,
-                                       sampling_config, score_sample)
+    from jaxrlhf.algos.rollout import init_extra, repeat_prompts, sampling_config
     from jaxrlhf.data.batching import build_prompt_batch
     from jaxrlhf.data.tokenize import pad_id_for
     from jaxrlhf.rewards import FunctionReward
-    from jaxrlhf.runner import load_policy
-    from jaxrlhf.sharding import MeshConfig, make_mesh
+    from jaxrlhf.drivers.core import load_policy
+    from jaxrlhf.drivers.rl import make_rl_functions, score_sample
+    from jaxrlhf.sharding import MeshConfig, make_mesh, place_batch
     from jaxrlhf.train_state import init_sharded_state, make_optimizer
 
     policy = load_policy(C.ModelSpec("smollm2-135m-instruct"))
@@ -89,7 +89,7 @@ def bench_jax(kind: str, texts: list[str], warmup: int, repeats: int) -> dict:
     ids = [tok(t)["input_ids"] for t in texts[:ROWS // G]]
     P = max(len(x) for x in ids)
     batch = repeat_prompts(build_prompt_batch(ids, P, pad), G)
-    batch = {k: place_rows(v, mesh) for k, v in batch.items()}
+    batch = place_batch(batch, mesh)
     reward = FunctionReward(reward_texts, name="lexicon")
     phases = {"generate": [], "score": [], "update": [], "total": []}
     for it in range(warmup + repeats):
@@ -99,7 +99,7 @@ def bench_jax(kind: str, texts: list[str], warmup: int, repeats: int) -> dict:
         jax.block_until_ready(sample)
         t1 = time.perf_counter()
         scores, _, _ = score_sample(reward, sample, tok, mesh)
-        exp, metrics = fns.experience(state, ref, lm_of(sample), sample.truncated_B, scores)
+        exp, metrics = fns.experience(state, ref, sample.lm_batch(), sample.truncated_B, scores)
         jax.block_until_ready(exp)
         t2 = time.perf_counter()
         state, m = fns.update(state, exp, key)

@@ -35,7 +35,8 @@ def bench_jax(B, T, warmup, repeats, tokens_np):
     from jaxrlhf.config import OptimConfig, SFTConfig
     from jaxrlhf.models.hub import load_pretrained
     from jaxrlhf.sharding import MeshConfig, make_mesh
-    from jaxrlhf.train_state import init_sharded_state, jit_step, make_optimizer, place_batch
+    from jaxrlhf.sharding import place_batch
+from jaxrlhf.train_state import init_sharded_state, jit_step, make_optimizer
     from flax import nnx
 
     pre = load_pretrained("smollm2-135m-instruct")

@@ -8,12 +8,22 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
+
+
+def quiet_logs() -> None:
+    """INFO-level run logs; third-party libraries only warnings."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name in ("absl", "orbax", "jax._src", "datasets", "transformers"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     from jaxrlhf import config as C
-    from jaxrlhf.runner import quiet_logs, run_experiment
+    from jaxrlhf.drivers import run_experiment
 
     quiet_logs()
     try:
@@ -47,7 +57,6 @@ def _print_summary(summary: dict) -> None:
 def _generate(args: argparse.Namespace) -> int:
     from jaxrlhf.generate import generate_text
     from jaxrlhf.models.hub import load_pretrained
-    from jaxrlhf.runner import quiet_logs
 
     quiet_logs()
     pre = load_pretrained(args.model)

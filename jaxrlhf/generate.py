@@ -17,9 +17,10 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxrlhf.data.tokenize import eos_ids_for, pad_id_for
 from jaxrlhf.sampling import SampleOutput, SamplingConfig, sample
 
-__all__ = ["encode_prompts", "decode_completions", "eos_ids_for", "pad_id_for", "generate", "generate_text"]
+__all__ = ["encode_prompts", "decode_completions", "generate", "generate_text"]
 
 
 def _unwrap(pretrained_or_model, tokenizer):
@@ -32,26 +33,6 @@ def _unwrap(pretrained_or_model, tokenizer):
     if not hasattr(model, "cfg"):
         raise ValueError(f"expected a jaxrlhf decoder module (with .cfg) or a Pretrained, got {type(model).__name__}")
     return model, tokenizer
-
-
-def eos_ids_for(tokenizer, model_cfg=None) -> tuple[int, ...]:
-    """End-of-sequence ids: the model config's ``eos_token_id`` (int or list) plus the tokenizer's."""
-    ids: list[int] = []
-    if model_cfg is not None:
-        ids += list(model_cfg.eos_token_ids)
-    tok_eos = getattr(tokenizer, "eos_token_id", None)
-    if tok_eos is not None:
-        ids += list(tok_eos) if isinstance(tok_eos, (list, tuple)) else [tok_eos]
-    return tuple(dict.fromkeys(int(i) for i in ids))
-
-
-def pad_id_for(tokenizer, model_cfg=None) -> int:
-    """The padding id: tokenizer ``pad_token_id``, else the model's, else the first EOS id, else 0."""
-    for cand in (getattr(tokenizer, "pad_token_id", None), getattr(model_cfg, "pad_token_id", None)):
-        if cand is not None:
-            return int(cand)
-    eos = eos_ids_for(tokenizer, model_cfg)
-    return eos[0] if eos else 0
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], *, use_chat_template: bool = True,

@@ -90,17 +90,25 @@ def _to_py(v: Any) -> Any:
     return v
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Hooks:
-    """Optional callbacks of the loop (all receive the 1-based step number that just finished).
+    """Optional callbacks of the loop (``step`` is always the 1-based step number that just finished).
 
-    ``evaluate(state) -> dict`` metrics logged under split ``eval``; ``sample(state, step)`` writes
-    samples; ``on_metrics(step, metrics)`` sees every fetched metrics dict (e.g. a KL controller, or a
-    test recording a trajectory).
+    * ``evaluate(state) -> dict``: metrics logged under split ``eval`` every ``eval_every`` steps and at
+      the last step (when ``eval_every`` > 0).
+    * ``after_step(step, state, metrics, aux)``: after every step is dispatched (``metrics`` still on the
+      device; ``aux`` is the optional third element the step returned, e.g. an RL iteration's decoded
+      completions for rollout samples; ``None`` otherwise).
+    * ``finalize(state) -> state``: once, on the last step, after its eval and before its checkpoint, so
+      the final checkpoint holds what it returns (e.g. the reward model's normalisation statistics).
+    * ``at_end(state, step)``: once, on the last step, after its checkpoint (e.g. "after" samples).
+    * ``on_metrics(step, metrics)``: every fetched (host) metrics dict (e.g. a test recording a trajectory).
     """
 
     evaluate: Callable[[Any], dict] | None = None
-    sample: Callable[[Any, int], None] | None = None
+    after_step: Callable[[int, Any, dict, Any], None] | None = None
+    finalize: Callable[[Any], Any] | None = None
+    at_end: Callable[[Any, int], None] | None = None
     on_metrics: Callable[[int, dict], None] | None = None
 
 
@@ -108,16 +116,20 @@ def train_loop(*, state: Any, step_fn: Callable, batches: Iterator, place: Calla
                total_steps: int, run: RunDir, checkpointer: Checkpointer | None = None,
                data_position: Callable[[], dict] | None = None, meta: dict | None = None,
                log_every: int = 1, eval_every: int = 0, save_every: int = 0, hooks: Hooks = Hooks(),
-               tokens_per_step: int | None = None, step_args: tuple = (), progress: bool = True,
-               stop_after: int = 0) -> Any:
-    """Run ``state, metrics = step_fn(state, place(batch), *step_args)`` until ``state.step == total_steps``.
+               tokens_per_step: int | None = None, step_args: tuple = (), pass_step: bool = False,
+               progress: bool = True, stop_after: int = 0) -> Any:
+    """Run ``state, metrics[, aux] = step_fn(state, place(batch), *step_args)`` until ``state.step == total_steps``.
 
     Args:
       state: a TrainState whose ``step`` says where to start (0, or the restored step).
+      step_fn: returns ``(state, metrics)`` or ``(state, metrics, aux)`` (``aux`` goes to
+        ``hooks.after_step`` only). With ``pass_step`` it is called with the keyword ``step=<int>``
+        (the 1-based number of the step it performs), e.g. to derive that step's PRNG key.
       batches: yields host (numpy) batches; ``data_position()`` must return its resumable state.
       place: host batch -> global device arrays.
       total_steps: the step to stop at.
       checkpointer: saves every ``save_every`` steps and at the end.
+      eval_every: evaluate every this many steps and at the last step (0 = never).
       tokens_per_step: for the throughput column (tokens/s).
       stop_after: leave the loop after this step, as a preempted job would (only the checkpoints
         already written survive); ``--resume`` continues from the latest one.
@@ -153,23 +165,28 @@ def train_loop(*, state: Any, step_fn: Callable, batches: Iterator, place: Calla
 
     for step in range(start + 1, total_steps + 1):
         batch = next(batches)
-        state, metrics = step_fn(state, place(batch), *step_args)
+        out = step_fn(state, place(batch), *step_args, **({"step": step} if pass_step else {}))
+        state, metrics, aux = out if len(out) == 3 else (*out, None)
+        if hooks.after_step is not None:
+            hooks.after_step(step, state, metrics, aux)
         if pending is not None:
             flush(pending)
         pending = (step, metrics, time.perf_counter())
         bar.update(1)
         last = step == total_steps
-        if (eval_every and step % eval_every == 0) or (last and hooks.evaluate is not None and eval_every):
+        if hooks.evaluate is not None and eval_every and (step % eval_every == 0 or last):
             flush(pending)
             pending = None
             run.log(step, hooks.evaluate(state), split="eval")
+        if last and hooks.finalize is not None:
+            state = hooks.finalize(state)
         if checkpointer is not None and ((save_every and step % save_every == 0) or last):
             if pending is not None:
                 flush(pending)
                 pending = None
             checkpointer.save(step, state, data_position() if data_position else {}, meta or {})
-        if hooks.sample is not None and last:
-            hooks.sample(state, step)
+        if hooks.at_end is not None and last:
+            hooks.at_end(state, step)
         if stop_after and step >= stop_after:
             break
     if pending is not None:

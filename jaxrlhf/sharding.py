@@ -146,12 +146,21 @@ def _divisible(shape: Sequence[int], spec: PartitionSpec, mesh: Mesh) -> Partiti
 
 
 def state_shardings(state: Any, mesh: Mesh, rules: dict[str, Any] = LOGICAL_RULES) -> Any:
-    """``NamedSharding`` for every leaf of an NNX ``State`` (or any pytree of ``nnx.Variable``).
+    """``NamedSharding`` for every leaf of a parameter tree or of a whole train state (the one helper).
 
-    Each ``nnx.Variable`` carrying ``logical_axes`` metadata is sharded by the rules table; everything
-    else (scalars, RNG state, optimizer counters) is replicated. Returns a pytree with the same structure
-    as ``state`` (Variables replaced by their sharding), usable as ``in_shardings``/``out_shardings``.
+    * A parameter tree (an NNX ``State`` or any pytree of ``nnx.Variable``): each Variable carrying
+      ``logical_axes`` metadata is sharded by the rules table; everything else (scalars, RNG state) is
+      replicated.
+    * A train state (any dataclass with ``params`` and ``opt_state``, e.g.
+      :class:`jaxrlhf.train_state.TrainState`): ``params`` as above; every sub-tree of ``opt_state``
+      shaped like the parameters (optax's ``mu``/``nu``) reuses the parameters' shardings; every other
+      field (``step``, ``extra``, optimizer counters) is replicated.
+
+    Returns a pytree with the same structure (Variables replaced by their sharding), usable as
+    ``in_shardings``/``out_shardings``.
     """
+    if hasattr(state, "params") and hasattr(state, "opt_state"):
+        return _train_state_shardings(state, mesh, rules)
 
     def one(x):
         if isinstance(x, nnx.Variable):
@@ -164,9 +173,43 @@ def state_shardings(state: Any, mesh: Mesh, rules: dict[str, Any] = LOGICAL_RULE
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def _train_state_shardings(state: Any, mesh: Mesh, rules: dict[str, Any]) -> Any:
+    param_sh = state_shardings(state.params, mesh, rules)
+    leaves_sh = jax.tree.leaves(param_sh)
+    param_struct = jax.tree.structure(state.params)
+    rep = lambda tree: jax.tree.map(lambda _: replicated(mesh), tree)  # noqa: E731
+
+    def walk(node):
+        if jax.tree.structure(node) == param_struct:  # mu, nu, ...: follow the parameters
+            return jax.tree.unflatten(param_struct, leaves_sh)
+        if hasattr(node, "_fields"):  # NamedTuple optimizer states
+            return type(node)(*[walk(n) for n in node])
+        if isinstance(node, (tuple, list)):
+            return type(node)(walk(n) for n in node)
+        if isinstance(node, dict):
+            return {k: walk(v) for k, v in node.items()}
+        return rep(node)
+
+    others = {f.name: rep(getattr(state, f.name)) for f in dataclasses.fields(state)
+              if f.name not in ("params", "opt_state")}
+    return dataclasses.replace(state, params=param_sh, opt_state=walk(state.opt_state), **others)
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Sharding for a batch array of rank ``ndim``: leading axis over (data, fsdp), the rest replicated."""
     return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), LOGICAL_RULES, mesh))
+
+
+def place_batch(batch: Any, mesh: Mesh) -> Any:
+    """Host (numpy) data -> global ``jax.Array`` sharded over (data, fsdp) on its leading axis (the one
+    helper for putting host batches on the mesh; also used for single arrays such as host rewards).
+
+    Args:
+      batch: a pytree of process-local arrays (a dict batch, or one array), leading axis = local rows;
+        the global leading size is ``local * process_count``.
+    """
+    return jax.tree.map(lambda v: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)),
+                                                                         np.asarray(v)), batch)
 
 
 def check_batch_divisible(batch_size: int, mesh: Mesh, field: str = "data.batch_size") -> None:

@@ -15,7 +15,6 @@ averaged over micro-batches.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -23,8 +22,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx, struct
-from jax.sharding import Mesh, NamedSharding
+from flax import struct
+from jax.sharding import Mesh
 
 from jaxrlhf import sharding as shd
 from jaxrlhf.config import OptimConfig
@@ -75,35 +74,6 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
 
 def create_train_state(params: Any, tx: optax.GradientTransformation, extra: Any = None) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), extra=extra)
-
-
-def state_shardings(state_or_abstract: TrainState, mesh: Mesh) -> TrainState:
-    """Shardings for a TrainState: parameters by the logical rules; optimizer moments follow the
-    parameters they belong to (optax keeps the same tree structure); everything else replicated."""
-    param_sh = shd.state_shardings(state_or_abstract.params, mesh)
-    leaves_sh = jax.tree.leaves(param_sh)
-    param_struct = jax.tree.structure(state_or_abstract.params)
-
-    def opt_sharding(node):
-        # Sub-trees of the optimizer state shaped like the params (mu, nu, ...) reuse param shardings.
-        if jax.tree.structure(node) == param_struct:
-            return jax.tree.unflatten(jax.tree.structure(node), leaves_sh)
-        return None
-
-    def walk(node):
-        same = opt_sharding(node)
-        if same is not None:
-            return same
-        if isinstance(node, (tuple, list)) and not hasattr(node, "_fields"):
-            return type(node)(walk(n) for n in node)
-        if hasattr(node, "_fields"):  # NamedTuple optimizer states
-            return type(node)(*[walk(n) for n in node])
-        if isinstance(node, dict):
-            return {k: walk(v) for k, v in node.items()}
-        return jax.tree.map(lambda _: shd.replicated(mesh), node)
-
-    return TrainState(step=shd.replicated(mesh), params=param_sh, opt_state=walk(state_or_abstract.opt_state),
-                      extra=jax.tree.map(lambda _: shd.replicated(mesh), state_or_abstract.extra))
 
 
 def split_microbatches(batch: dict, n: int) -> dict:
@@ -172,12 +142,6 @@ def jit_step(step_fn: Callable, mesh: Mesh, state_sharding: TrainState, *, donat
     return call
 
 
-def place_batch(batch: dict, mesh: Mesh) -> dict:
-    """Host numpy batch -> global arrays sharded over (data, fsdp) on the leading axis."""
-    return {k: jax.make_array_from_process_local_data(shd.batch_sharding(mesh, v.ndim), v)
-            for k, v in batch.items()}
-
-
 def init_sharded_state(params: Any, tx: optax.GradientTransformation, mesh: Mesh, extra: Any = None
                        ) -> tuple[TrainState, TrainState]:
     """Place ``params`` by the rules table and build the optimizer state directly sharded.
@@ -186,24 +150,10 @@ def init_sharded_state(params: Any, tx: optax.GradientTransformation, mesh: Mesh
     moments are created where they live (no host round trip, no full replica on one device).
     """
     abstract = jax.eval_shape(lambda p, e: create_train_state(p, tx, e), params, extra)
-    sharding = state_shardings(abstract, mesh)
+    sharding = shd.state_shardings(abstract, mesh)
     params = jax.device_put(params, sharding.params)
     extra = jax.device_put(extra, sharding.extra) if extra is not None else None
     init = jax.jit(lambda p, e: create_train_state(p, tx, e), out_shardings=sharding)
     with jax.set_mesh(mesh):
         state = init(params, extra)
     return state, sharding
-
-
-def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
-    """``(graphdef, params)`` of an NNX module; the step merges them back inside ``jit``."""
-    return nnx.split(model)
-
-
-@dataclasses.dataclass(frozen=True)
-class ParamCount:
-    total: int
-
-    @staticmethod
-    def of(params: Any) -> "ParamCount":
-        return ParamCount(sum(int(x.size) for x in jax.tree.leaves(params)))

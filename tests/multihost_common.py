@@ -12,7 +12,8 @@ from jaxrlhf.data.batching import stack_examples
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.llama import Llama
 from jaxrlhf.sharding import MeshConfig, make_mesh
-from jaxrlhf.train_state import init_sharded_state, jit_step, make_optimizer, place_batch
+from jaxrlhf.sharding import place_batch
+from jaxrlhf.train_state import init_sharded_state, jit_step, make_optimizer
 
 CFG = ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
                   num_heads=4, num_kv_heads=2, max_position_embeddings=64)

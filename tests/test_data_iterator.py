@@ -9,10 +9,9 @@ import hashlib
 import jax
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxrlhf.data import batching as B
-from jaxrlhf.data.iterator import BatchIterator, to_global_array, train_eval_split
+from jaxrlhf.data.iterator import BatchIterator, train_eval_split
 
 
 def _collate_ids(items):
@@ -86,27 +85,26 @@ def test_iterator_with_real_collate_fixed_shapes():
     assert shapes == [(4, 16)] * 3
 
 
-def test_to_global_array_on_fake_cpu_mesh():
-    devices = jax.devices()
-    if len(devices) < 2:
+def test_place_batch_on_fake_cpu_mesh():
+    """The one host->mesh helper: every leaf of a batch (or a lone array) is split over (data, fsdp)."""
+    from jaxrlhf.sharding import MeshConfig, make_mesh, place_batch
+
+    nd = len(jax.devices())
+    if nd < 2:
         pytest.skip("needs several (fake) devices")
-    nd = len(devices)
-    mesh = Mesh(np.array(devices), ("data",))
-    sharding = NamedSharding(mesh, PartitionSpec("data"))
+    mesh = make_mesh(MeshConfig(data=-1, fsdp=2, tensor=1))
     batch = B.build_preference_batch(
         [([1, 2], [3 + i], [4, 5 + i]) for i in range(nd)], seq_len=6, pad_id=0
     )
-    out = to_global_array(batch, sharding)
+    out = place_batch(batch, mesh)
     for k, v in batch.items():
         assert out[k].shape == v.shape and out[k].dtype == v.dtype
         np.testing.assert_array_equal(np.asarray(out[k]), v)
         assert len(out[k].addressable_shards) == nd
         assert out[k].addressable_shards[0].data.shape[0] == v.shape[0] // nd
-    # one sharding per key
-    rep = NamedSharding(mesh, PartitionSpec())
-    out2 = to_global_array({"a": np.arange(4)}, {"a": rep})
-    np.testing.assert_array_equal(np.asarray(out2["a"]), np.arange(4))
-
+    lone = place_batch(np.arange(nd, dtype=np.float32), mesh)
+    np.testing.assert_array_equal(np.asarray(lone), np.arange(nd))
+    assert lone.addressable_shards[0].data.shape == (1,)
 
 def test_train_eval_split_is_fixed():
     tr, ev = train_eval_split(2312, 312, seed=0)

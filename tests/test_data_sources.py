@@ -71,7 +71,7 @@ def test_hub_unreachable_gives_one_clear_error(monkeypatch):
     def boom(*a, **k):
         raise ConnectionError("Couldn't reach 'x/y' on the Hub (OfflineModeIsEnabled)")
 
-    monkeypatch.setattr(S.datasets, "load_dataset", boom)
+    monkeypatch.setattr(datasets, "load_dataset", boom)  # sources imports `datasets` where it loads
     with pytest.raises(S.DatasetFetchError, match=r"'org/some-dataset'.*could not be fetched.*local file"):
         S.load_rows("org/some-dataset", split="train")
 

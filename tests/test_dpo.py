@@ -13,15 +13,15 @@ import pytest
 from flax import nnx
 
 from jaxrlhf import losses
-from jaxrlhf.algos.dpo import (WithReference, build_kto_batch, collate_with_reference, dpo_family_loss, dpo_step,
-                               eval_metrics, kto_examples, precompute_reference, sequence_logps)
+from jaxrlhf.algos.dpo import build_kto_batch, dpo_family_loss, dpo_step, eval_metrics, kto_examples, sequence_logps
 from jaxrlhf.algos.dpo_losses import PREFERENCE_LOSSES
 from jaxrlhf.config import ConfigError, DataConfig, DPOConfig, ExperimentConfig, load_config
 from jaxrlhf.data.batching import build_preference_batch
+from jaxrlhf.drivers.dpo import WithReference, collate_with_reference, precompute_reference
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.llama import Llama
-from jaxrlhf.sharding import MeshConfig, make_mesh
-from jaxrlhf.train_state import init_sharded_state, jit_step, place_batch
+from jaxrlhf.sharding import MeshConfig, make_mesh, place_batch
+from jaxrlhf.train_state import init_sharded_state, jit_step
 
 CFG = ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
                   num_heads=4, num_kv_heads=2, max_position_embeddings=64)

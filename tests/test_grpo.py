@@ -17,12 +17,12 @@ from flax import nnx
 from jaxrlhf import config as C
 from jaxrlhf.algos import grpo
 from jaxrlhf.algos.ppo import copy_tree
-from jaxrlhf.algos.rollout import (init_extra, make_rl_functions, place_rows, repeat_prompts, rl_iteration,
-                                   sampling_config)
+from jaxrlhf.algos.rollout import init_extra, repeat_prompts, sampling_config
+from jaxrlhf.drivers.rl import make_rl_functions, rl_iteration
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.llama import Llama
 from jaxrlhf.rewards import Completions, count_token
-from jaxrlhf.sharding import MeshConfig, make_mesh, state_shardings
+from jaxrlhf.sharding import MeshConfig, make_mesh, place_batch, state_shardings
 from jaxrlhf.train_state import init_sharded_state, make_optimizer
 
 V, EOS, TARGET, G, B, P = 16, 1, 3, 4, 8, 5
@@ -73,7 +73,7 @@ def setup(model, tx, algo, cfg):
 def iterate(fns, state, ref, mesh, n):
     hist = []
     for it in range(n):
-        batch = {k: place_rows(v, mesh) for k, v in prompts(it).items()}
+        batch = place_batch(prompts(it), mesh)
         state, metrics, info = rl_iteration(fns, state, ref, batch, jax.random.key(it), reward_fn=REWARD)
         hist.append(jax.device_get(metrics))
     return state, hist, info
@@ -107,7 +107,7 @@ def test_rloo_learns_and_larger_kl_coefficient_keeps_kl_lower(rloo_setup):
 
 
 def _rollout(fns, state, ref, mesh, seed=5):
-    batch = {k: place_rows(v, mesh) for k, v in prompts(seed).items()}
+    batch = place_batch(prompts(seed), mesh)
     sample = fns.generate(state.params["policy"], batch["prompt_tokens"], batch["prompt_mask"], jax.random.key(seed))
     scores = REWARD(Completions.from_sample(sample))
     exp, m = fns.experience(state, ref, sample.lm_batch(), sample.truncated_B, scores)

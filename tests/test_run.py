@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxrlhf import config as C
-from jaxrlhf.runner import run_experiment
+from jaxrlhf.drivers import run_experiment
 
 
 def tiny_sft_config(folder, source, run_dir, name, steps=4, **train):

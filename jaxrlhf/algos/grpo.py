@@ -27,14 +27,14 @@ from flax import nnx
 
 from jaxrlhf.algos.rollout import (LM_KEYS, RLAlgorithm, advantage_metrics, aggregate_normaliser,
                                    kl_controller_update, minibatch_epochs, rollout_metrics, sequence_kl,
-                                   shape_scores, token_entropy, token_logps, train_rl)
+                                   shape_scores, token_entropy, token_logps)
 from jaxrlhf.config import GRPOConfig, RLOOConfig
 from jaxrlhf.losses import ppo_policy_loss
 from jaxrlhf.ops import grpo_advantages, kl_k3, kl_penalty, masked_aggregate, masked_whiten, rloo_advantages
 from jaxrlhf.train_state import TrainState
 
 __all__ = ["PolicyGraphs", "policy_init_params", "grpo_experience", "rloo_experience", "critic_free_loss",
-           "grpo_update", "rloo_update", "GRPO", "RLOO", "train"]
+           "grpo_update", "rloo_update", "GRPO", "RLOO"]
 
 
 class PolicyGraphs(NamedTuple):
@@ -154,11 +154,3 @@ GRPO = RLAlgorithm(init_params=policy_init_params, experience=grpo_experience, u
                    initial_coef=lambda cfg: cfg.beta)
 RLOO = RLAlgorithm(init_params=policy_init_params, experience=rloo_experience, update=rloo_update,
                    initial_coef=lambda cfg: cfg.kl.coef)
-
-
-def train(cfg, resume: bool = False) -> dict:
-    """Run GRPO or RLOO (by ``cfg.algo.kind``); see :func:`jaxrlhf.algos.rollout.train_rl`."""
-    kind = cfg.algo.kind
-    if kind not in ("grpo", "rloo"):
-        raise ValueError(f"jaxrlhf.algos.grpo runs algo.kind grpo or rloo, got {kind!r}")
-    return train_rl(cfg, resume, GRPO if kind == "grpo" else RLOO, kind)

@@ -44,7 +44,7 @@ from flax import nnx
 from jaxrlhf.algos.rollout import (LM_KEYS, RLAlgorithm, advantage_metrics, aggregate_normaliser, copy_tree,
                                    explained_variance, kl_controller_update, minibatch_epochs, per_token_rewards,
                                    rollout_metrics, sequence_kl, shape_scores, shift_values, token_entropy,
-                                   token_logps, train_rl)
+                                   token_logps)
 from jaxrlhf.config import PPOConfig
 from jaxrlhf.losses import ppo_policy_loss, ppo_value_loss
 from jaxrlhf.models.heads import ScalarHead
@@ -52,7 +52,7 @@ from jaxrlhf.ops import gae, kl_penalty, masked_aggregate, masked_mean, masked_w
 from jaxrlhf.train_state import TrainState
 
 __all__ = ["PPOGraphs", "copy_tree", "ppo_init_params", "policy_and_values", "ppo_experience", "ppo_loss", "ppo_update",
-           "PPO", "train"]
+           "PPO"]
 
 
 class PPOGraphs(NamedTuple):
@@ -164,8 +164,3 @@ def ppo_update(state: TrainState, exp: dict, key, *, graphs: PPOGraphs, tx: opta
 
 PPO = RLAlgorithm(init_params=ppo_init_params, experience=ppo_experience, update=ppo_update,
                   initial_coef=lambda cfg: cfg.kl.coef)
-
-
-def train(cfg, resume: bool = False) -> dict:
-    """Run PPO (``cfg.algo`` a :class:`~jaxrlhf.config.PPOConfig`); see :func:`jaxrlhf.algos.rollout.train_rl`."""
-    return train_rl(cfg, resume, PPO, "ppo")

@@ -43,7 +43,7 @@ from jaxrlhf.data.formats import (
     split_hh_pair,
     unpaired_examples,
 )
-from jaxrlhf.data.iterator import BatchIterator, to_global_array, train_eval_split
+from jaxrlhf.data.iterator import BatchIterator, train_eval_split
 from jaxrlhf.data.sources import DatasetFetchError, load_rows
 from jaxrlhf.data.tokenize import (
     ClassificationTokens,
@@ -56,6 +56,7 @@ from jaxrlhf.data.tokenize import (
     encode_prompt,
     encode_response,
     encode_text,
+    eos_ids_for,
     pad_id_for,
     tokenize_classification_dataset,
     tokenize_preference_dataset,

@@ -5,10 +5,9 @@ import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import jax
 import numpy as np
 
-__all__ = ["BatchIterator", "to_global_array", "train_eval_split"]
+__all__ = ["BatchIterator", "train_eval_split"]
 
 
 class BatchIterator:
@@ -142,28 +141,6 @@ class BatchIterator:
         idx = self.local_batch_indices(self._epoch, self._index)
         self._index += 1
         return self.collate_fn([self.examples[int(i)] for i in idx])
-
-
-def to_global_array(batch_np: Mapping[str, Any], sharding: Any) -> dict[str, jax.Array]:
-    """Process-local numpy batch -> global ``jax.Array`` batch via ``jax.make_array_from_process_local_data``.
-
-    Each process passes its own slice (e.g. from :class:`BatchIterator` with ``process_index``); the
-    global leading dimension is ``local * process_count``. Works on one process (local == global)
-    and on a mesh of fake CPU devices.
-
-    Args:
-      batch_np: dict of numpy arrays (leading axis = local batch).
-      sharding: a ``jax.sharding.Sharding`` used for every array (e.g.
-        ``NamedSharding(mesh, PartitionSpec("data"))``), or a dict with one per key.
-
-    Returns:
-      Dict of global ``jax.Array`` with the same keys.
-    """
-    out = {}
-    for k, v in batch_np.items():
-        s = sharding[k] if isinstance(sharding, Mapping) else sharding
-        out[k] = jax.make_array_from_process_local_data(s, np.asarray(v))
-    return out
 
 
 def train_eval_split(n: int, eval_size: int | float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

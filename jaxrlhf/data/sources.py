@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
+if TYPE_CHECKING:  # `datasets` is imported where rows are loaded, so `import jaxrlhf.data` stays light
+    import datasets
 
 __all__ = ["DatasetFetchError", "load_rows", "LOCAL_SUFFIXES"]
 
@@ -100,6 +101,8 @@ def _load_local(source: str, split: str, data_files: Any, streaming: bool) -> da
             )
         files = [path]
     # The split name is only a label for local files.
+    import datasets
+
     return datasets.load_dataset(builder, data_files={split: files}, split=split, streaming=streaming)
 
 
@@ -137,6 +140,8 @@ def _load_tfds(spec: str, split: str, config_name: str | None) -> datasets.Datas
         ) from e
     source = tfds.data_source(name, split=split, builder_kwargs={"file_format": "array_record"})
     records = [_tfds_record_to_python(source[i]) for i in range(len(source))]
+    import datasets
+
     return datasets.Dataset.from_list(records)
 
 
@@ -178,6 +183,8 @@ def load_rows(
         unreachable or unknown id); the message says how to pass a local file instead.
       ValueError: unknown file type or mixed file types.
     """
+    import datasets
+
     source = os.fspath(source)
     if source.startswith(_TFDS_PREFIX):
         if streaming:

@@ -48,6 +48,7 @@ __all__ = [
     "encode_pair",
     "encode_text",
     "truncate_pair",
+    "eos_ids_for",
     "pad_id_for",
     "tokenize_sft_dataset",
     "tokenize_preference_dataset",
@@ -162,17 +163,26 @@ def _ids(x: Any) -> list[int]:
     return [int(t) for t in x]
 
 
-def pad_id_for(tokenizer: Any) -> int:
-    """``pad_token_id``, else ``eos_token_id`` (padding positions are masked by ``segment_ids == 0``).
+def eos_ids_for(tokenizer: Any, model_cfg: Any = None) -> tuple[int, ...]:
+    """End-of-sequence ids (the one helper): the model config's ``eos_token_ids`` (when given) followed by
+    the tokenizer's ``eos_token_id`` (an int or a list), duplicates removed, order kept; ``()`` when
+    neither has one."""
+    ids: list[int] = list(getattr(model_cfg, "eos_token_ids", None) or ()) if model_cfg is not None else []
+    tok_eos = getattr(tokenizer, "eos_token_id", None)
+    if tok_eos is not None:
+        ids += list(tok_eos) if isinstance(tok_eos, (list, tuple)) else [tok_eos]
+    return tuple(dict.fromkeys(int(i) for i in ids))
 
-    Raises:
-      ValueError: the tokenizer has neither.
-    """
-    for name in ("pad_token_id", "eos_token_id"):
-        v = getattr(tokenizer, name, None)
-        if v is not None:
-            return int(v)
-    raise ValueError("tokenizer has neither pad_token_id nor eos_token_id; pass pad_id explicitly")
+
+def pad_id_for(tokenizer: Any, model_cfg: Any = None) -> int:
+    """The padding id (the one helper): tokenizer ``pad_token_id``, else the model config's
+    ``pad_token_id``, else the first EOS id (:func:`eos_ids_for`), else 0. Padding positions are always
+    masked (``segment_ids == 0`` / ``prompt_mask == 0``), so the id only has to be a valid token."""
+    for cand in (getattr(tokenizer, "pad_token_id", None), getattr(model_cfg, "pad_token_id", None)):
+        if cand is not None:
+            return int(cand)
+    eos = eos_ids_for(tokenizer, model_cfg)
+    return eos[0] if eos else 0
 
 
 class _Encoder:

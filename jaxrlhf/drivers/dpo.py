@@ -1,0 +1,138 @@
+"""The DPO-family driver (dpo/cDPO, ipo, simpo, orpo, kto) -> ``algos.dpo.dpo_step``.
+
+Data: preference pairs (KTO: unpaired into desirable/undesirable examples with mismatched partners). The
+reference (losses that use one): the initial policy or ``algo.reference_model``, either run inside the
+step (``algo.reference = "model"``) or once over the data here (``"precomputed"``:
+:func:`precompute_reference`, the batches then carry ``reference_logps``). Held-out metrics:
+implicit-reward accuracy and margin (:func:`jaxrlhf.algos.dpo.eval_metrics`); samples: greedy
+completions of held-out prompts.
+
+Config fields read here: ``data.{max_length,padding_side,seed,batch_size}`` (+ those of
+:func:`jaxrlhf.drivers.reward.tokenize_pairs`), ``optim.grad_accum_steps``, ``train.{steps,num_samples,
+max_new_tokens}``, ``model`` (replaced by ``algo.reference_model``), ``algo.{loss,uses_reference,
+reference,reference_model}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxrlhf import config as C
+from jaxrlhf.algos.dpo import build_kto_batch, dpo_step, eval_logps, eval_metrics, kto_examples, sequence_logps
+from jaxrlhf.data.batching import build_preference_batch
+from jaxrlhf.data.iterator import BatchIterator
+from jaxrlhf.data.tokenize import pad_id_for
+from jaxrlhf.drivers import core
+from jaxrlhf.drivers.reward import tokenize_pairs
+from jaxrlhf.sharding import place_batch
+from jaxrlhf.train_state import jit_step, make_optimizer
+
+log = logging.getLogger("jaxrlhf")
+
+
+class WithReference(NamedTuple):
+    """An example (any tuple the base collate accepts) and its reference log-prob sums float32 ``[2]``."""
+
+    example: Any
+    reference_logps: np.ndarray
+
+
+def collate_with_reference(base: Callable) -> Callable:
+    """Wrap a collate so a list of :class:`WithReference` gives the base batch plus ``reference_logps``
+    float32 ``[B, 2]`` (0 on padding rows)."""
+
+    def collate(examples: Sequence[WithReference], batch_size: int | None = None) -> dict:
+        batch = base([ex.example for ex in examples], batch_size=batch_size)
+        ref = np.zeros((batch["tokens"].shape[0], 2), np.float32)
+        if examples:
+            ref[:len(examples)] = np.stack([ex.reference_logps for ex in examples])
+        batch["reference_logps"] = ref
+        return batch
+
+    return collate
+
+
+def precompute_reference(graphdef: nnx.GraphDef, ref_params: Any, examples: Sequence[Any], collate: Callable,
+                         batch_size: int, place: Callable[[dict], dict]) -> list[WithReference]:
+    """One jitted pass of the reference model over ``examples``: each becomes ``WithReference(example,
+    [sum logp index 0, sum logp index 1])`` (collate with :func:`collate_with_reference`)."""
+    fn = jax.jit(lambda p, b: sequence_logps(graphdef, p, b).sums)
+    sums, _ = core.map_batches(lambda b: {"sums": fn(ref_params, b)}, examples, collate, batch_size, place)
+    if not examples:
+        return []
+    return [WithReference(ex, np.asarray(s, np.float32)) for ex, s in zip(examples, sums["sums"][:len(examples)])]
+
+
+def train(cfg: C.ExperimentConfig, resume: bool = False) -> dict:
+    """DPO-family fine-tuning of ``cfg.model`` on preference pairs; writes the run directory; returns the
+    summary."""
+    a, d = cfg.algo, cfg.data
+    run = core.start_run(cfg)
+    policy = core.load_policy(cfg.model)
+    core.check_lengths(policy.model_cfg, d.max_length, "data.max_length")
+    train_rows, eval_rows = core.split_rows(d)
+    train_pairs, train_rep = tokenize_pairs(train_rows, d, policy.tokenizer)
+    eval_pairs, eval_rep = tokenize_pairs(eval_rows, d, policy.tokenizer)
+    log.info("data: %d train / %d eval pairs; train %s; eval %s", len(train_pairs), len(eval_pairs),
+             train_rep.summary(), eval_rep.summary())
+    common = dict(seq_len=d.max_length, pad_id=pad_id_for(policy.tokenizer), padding_side=d.padding_side)
+    pair_collate = functools.partial(build_preference_batch, **common)
+    if a.loss == "kto":
+        train_ex, collate = kto_examples(train_pairs, seed=d.seed), functools.partial(build_kto_batch, **common)
+    else:
+        train_ex, collate = list(train_pairs), pair_collate
+
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    state, sharding, position = core.init_or_restore(run, policy.params, tx, resume)
+    micro = d.batch_size // cfg.optim.grad_accum_steps
+    place = functools.partial(place_batch, mesh=run.mesh)
+    eval_ex, eval_collate, step_args = list(eval_pairs), pair_collate, ()
+    if a.uses_reference:
+        if a.reference_model:
+            ref = core.load_policy(dataclasses.replace(cfg.model, name=a.reference_model))
+            if ref.model_cfg.vocab_size != policy.model_cfg.vocab_size:
+                raise ValueError(f"algo.reference_model={a.reference_model!r} has vocab {ref.model_cfg.vocab_size}, "
+                                 f"the policy {policy.model_cfg.vocab_size}; they must share a tokenizer")
+            ref_graphdef, ref_params = ref.graphdef, ref.params
+        else:
+            ref_graphdef, ref_params = policy.graphdef, policy.params  # the initial policy (never donated)
+        ref_params = jax.device_put(ref_params, sharding.params)
+        # Held-out reference log-probs are computed once, whatever the mode (the reference is frozen).
+        eval_ex = precompute_reference(ref_graphdef, ref_params, eval_ex, pair_collate, micro, place)
+        eval_collate = collate_with_reference(pair_collate)
+        if a.reference == "precomputed":
+            train_ex = precompute_reference(ref_graphdef, ref_params, train_ex, collate, micro, place)
+            collate = collate_with_reference(collate)
+            del ref_params
+        else:
+            layout = lambda p: (jax.tree.structure(p), [x.shape for x in jax.tree.leaves(p)])  # noqa: E731
+            if layout(ref_params) != layout(policy.params):
+                raise ValueError("algo.reference='model' runs the reference with the policy's architecture; "
+                                 f"{a.reference_model!r} differs: use algo.reference='precomputed'")
+            step_args = (ref_params,)
+    if not step_args:
+        policy.params = None  # no reference model in the step: free the initial weights
+    batches = BatchIterator(train_ex, d.batch_size, collate, seed=d.seed,
+                            process_index=jax.process_index(), process_count=jax.process_count())
+    step = jit_step(dpo_step, run.mesh, sharding, static_kwargs=dict(
+        graphdef=policy.graphdef, tx=tx, cfg=a, grad_accum_steps=cfg.optim.grad_accum_steps))
+    eval_fn = jax.jit(functools.partial(eval_logps, graphdef=policy.graphdef))
+
+    def evaluate(st) -> core.Evaluation:
+        outs, cat = core.map_batches(lambda b: eval_fn(st.params, b), eval_ex, eval_collate, micro, place)
+        return core.Evaluation(eval_metrics(a, outs, cat))
+
+    return core.drive(
+        run, state, position, step_fn=step, batches=batches, place=place, meta={"algo": "dpo", "loss": a.loss},
+        evaluate=evaluate if eval_ex else None,
+        sample=core.greedy_samples(policy, [p[0] for p in eval_pairs[:cfg.train.num_samples]],
+                                   cfg.train.max_new_tokens),
+        step_args=step_args, tokens_per_step=d.batch_size * 2 * d.max_length)
