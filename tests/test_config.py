@@ -8,7 +8,8 @@ import pytest
 from jaxrlhf import config as C
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-EXPERIMENTS = sorted((REPO / "experiments").glob("*.py"))
+# Experiment files (get_config); study files (get_study) are checked in test_study_file.py.
+EXPERIMENTS = sorted(p for p in (REPO / "experiments").glob("*.py") if "def get_study(" not in p.read_text())
 SFT = REPO / "experiments" / "sft_smollm2_seed_tasks.py"
 # Each experiment file's algorithm, by the file-name prefix the README uses.
 ALGO_BY_PREFIX = {"sft": C.SFTConfig, "dpo": C.DPOConfig, "reward": C.RewardConfig, "classifier": C.RewardConfig,

@@ -146,11 +146,7 @@ def test_ranked_batch_pads_missing_completions():
     assert B.build_ranked_batch(exs, 6, PAD)["tokens"].shape == (2, 3, 6)
 
 
-def test_unpaired_classification_prompt_batches():
-    u = B.build_unpaired_batch([([1], [2, 3], True), ([4, 5], [6], False)], 5, PAD, batch_size=3)
-    assert u["desirable"].dtype == np.bool_ and u["desirable"].tolist() == [True, False, False]
-    assert u["tokens"].shape == (3, 5)
-
+def test_classification_and_prompt_batches():
     c = B.build_classification_batch([([7, 8, 9], 1), ([3], 0)], 4, PAD, batch_size=3)
     assert c["labels"].dtype == np.int32 and c["labels"].tolist() == [1, 0, -1]
     np.testing.assert_array_equal(c["completion_mask"][0], [0, 1, 1, 0])

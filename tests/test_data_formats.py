@@ -157,7 +157,6 @@ def test_sft_formats_autodetect():
         (F.sft_examples, [{"prompt": "p", "response": "r"}, {"prompt": "p"}], "response", 1),
         (F.sft_examples, [{"instruction": "i", "input": ""}], "output", 0),
         (F.ranked_examples, [{"prompt": "p", "completions": ["a"]}], "ranking", 0),
-        (F.unpaired_examples, [{"prompt": "p", "completion": "c"}], "label", 0),
         (F.classification_examples, [{"text": "t", "label": 1}, {"label": 0}], "text", 1),
         (F.prompt_examples, [{"text": "t"}], "prompt", 0),
     ],
@@ -174,7 +173,7 @@ def test_missing_chosen_message_lists_formats():
         F.preference_examples([{"rejected": "x"}])
 
 
-def test_preference_message_lists_and_ranked_unpaired():
+def test_preference_message_lists_and_ranked():
     u = {"role": "user", "content": "Q"}
     row = {
         "chosen": [u, {"role": "assistant", "content": "good"}],
@@ -191,10 +190,6 @@ def test_preference_message_lists_and_ranked_unpaired():
     with pytest.raises(ValueError, match="'ranking' has 2 entries"):
         F.ranked_examples([{"prompt": "p", "completions": ["a", "b", "c"], "ranking": [0, 1]}])
 
-    k = F.unpaired_examples([{"prompt": "p", "completion": "c", "label": True}, {"prompt": "p", "completion": "d", "label": 0}])
-    assert [x.desirable for x in k] == [True, False]
-    with pytest.raises(ValueError, match="'label'"):
-        F.unpaired_examples([{"prompt": "p", "completion": "c", "label": "yes"}])
     with pytest.raises(ValueError, match="'label'"):
         F.classification_examples([{"text": "t", "label": "pos"}])
 

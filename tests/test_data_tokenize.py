@@ -126,9 +126,6 @@ def test_preference_and_ranked_share_prompt_room():
     assert [len(x) for x in out[0].completion_ids] == [2, 6, 1]
     assert out[0].ranks == [0, 1, 2] and rep.truncated_response == 1
 
-    ku = [{"prompt": words(0, 2), "completion": words(5, 2), "label": False}]
-    out, _ = T.tokenize_unpaired_dataset(ku, tok, max_length=8)
-    assert out[0].desirable is False and len(out[0].completion_ids) == 3
 
 
 def test_prompt_and_classification_datasets():

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from jaxrlhf import losses
-from jaxrlhf.algos.dpo import build_kto_batch, dpo_family_loss, dpo_step, eval_metrics, kto_examples, sequence_logps
+from jaxrlhf.algos.dpo import build_kto_batch, dpo_extra, dpo_family_loss, dpo_step, eval_metrics, kto_examples, sequence_logps
 from jaxrlhf.algos.dpo_losses import PREFERENCE_LOSSES
 from jaxrlhf.config import ConfigError, DataConfig, DPOConfig, ExperimentConfig, load_config
 from jaxrlhf.data.batching import build_preference_batch
@@ -86,7 +86,7 @@ def test_sequence_logps_match_numpy_and_padding_side(setup):
 def test_policy_equal_to_reference_gives_log2(setup):
     s = setup
     loss_sum, (n, metrics) = dpo_family_loss(s["pol"], jax.tree.map(jnp.asarray, s["batch"]), s["pol"],
-                                             graphdef=s["gd"], cfg=DPOConfig(beta=0.3))
+                                             graphdef=s["gd"], cfg=DPOConfig(beta=0.3), beta=0.3)
     np.testing.assert_allclose(float(loss_sum / n), math.log(2.0), rtol=1e-6)
     assert float(metrics["rewards/margin"]) == 0.0 and float(metrics["rewards/accuracy"]) == 0.0
 
@@ -140,7 +140,7 @@ def test_step_loss_equals_numpy_rederivation(setup, name, cfg):
     if name == "kto":
         batch["desirable"] = desirable
     loss_sum, (n, metrics) = dpo_family_loss(s["pol"], jax.tree.map(jnp.asarray, batch), s["ref"],
-                                             graphdef=s["gd"], cfg=cfg)
+                                             graphdef=s["gd"], cfg=cfg, beta=cfg.beta)
     want = _numpy_loss(name, cfg, s["np_pol"], s["np_ref"], s["counts"], desirable)
     np.testing.assert_allclose(float(loss_sum / n), want, rtol=2e-5, atol=1e-5)
     assert set(metrics) >= {"loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "logps/chosen"}
@@ -149,7 +149,8 @@ def test_step_loss_equals_numpy_rederivation(setup, name, cfg):
 # What each paper says about its loss (independent of the table): summed or length-normalised log-probs,
 # and whether a reference enters it (and its implicit reward β(π - ref), else β π).
 PAPER_FORMS = {"dpo": ("sum", True), "ipo": ("mean", True), "hinge": ("sum", True), "robust": ("sum", True),
-               "simpo": ("mean", False), "orpo": ("mean", False), "kto": ("sum", True)}
+               "simpo": ("mean", False), "orpo": ("mean", False), "kto": ("sum", True),
+               "plackett_luce": ("sum", True)}
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_FORMS))
@@ -167,7 +168,9 @@ def test_losses_table_entry_agrees_with_the_paper_everywhere_it_is_read(setup, n
     batch = jax.tree.map(jnp.asarray, dict(s["batch"]))
     if name == "kto":
         batch["desirable"] = jnp.asarray(np.arange(len(s["pairs"])) % 2 == 0)
-    loss = lambda ref: float(dpo_family_loss(s["pol"], batch, ref, graphdef=s["gd"], cfg=cfg)[0])  # noqa: E731
+    if name == "plackett_luce":  # a pair is a ranking of two: chosen rank 0, rejected rank 1
+        batch["ranks"] = jnp.tile(jnp.arange(2, dtype=jnp.int32), (len(s["pairs"]), 1))
+    loss = lambda ref: float(dpo_family_loss(s["pol"], batch, ref, graphdef=s["gd"], cfg=cfg, beta=cfg.beta)[0])  # noqa: E731
     moved = abs(loss(s["ref"]) - loss(s["pol"]))
     assert (moved > 1e-4) if with_ref else (moved == 0.0), moved
     pol = s["np_pol"] / (s["counts"] if form == "mean" else 1.0)
@@ -178,7 +181,7 @@ def test_losses_table_entry_agrees_with_the_paper_everywhere_it_is_read(setup, n
     np.testing.assert_allclose([m["reward_chosen"], m["reward_rejected"]], want.mean(0), rtol=1e-9)
     assert m["reward_accuracy"] == np.mean(want[:, 0] > want[:, 1])
     if name != "kto":  # KTO's loss reports its rewards over desirable examples only
-        _, (_, metrics) = dpo_family_loss(s["pol"], batch, s["ref"], graphdef=s["gd"], cfg=cfg)
+        _, (_, metrics) = dpo_family_loss(s["pol"], batch, s["ref"], graphdef=s["gd"], cfg=cfg, beta=cfg.beta)
         np.testing.assert_allclose(float(metrics["rewards/chosen"]), want[:, 0].mean(), rtol=2e-4, atol=1e-4)
 
 
@@ -206,7 +209,7 @@ def _run(mesh_cfg, batch, cfg, *, ref_mode, devices=None, grad_accum=1):
     # Plain SGD with lr 1: the parameter change IS the gradient, so the comparison is not distorted by
     # AdamW's first step (~lr * sign(g)), which turns float32 noise on near-zero gradients into lr-sized jumps.
     tx = optax.sgd(1.0)
-    state, sh = init_sharded_state(params, tx, mesh)
+    state, sh = init_sharded_state(params, tx, mesh, dpo_extra(cfg))
     step = jit_step(dpo_step, mesh, sh, static_kwargs=dict(graphdef=gd, tx=tx, cfg=cfg, grad_accum_steps=grad_accum))
     args = (jax.device_put(ref, sh.params),) if ref_mode == "model" else ()
     state, metrics = step(state, place_batch(batch, mesh), *args)

@@ -31,7 +31,7 @@ def prompts_file(tmp_path):
 def rl_algo(cls, **kw):
     reward = C.RewardSpec(functions=("jaxrlhf.rewards:word_count",))
     return cls(rollout=C.RolloutConfig(max_new_tokens=4, num_completions=kw.pop("G", 1)), reward=reward,
-               epochs=1, num_minibatches=1, **kw)
+               update=dataclasses.replace(cls().update, epochs=1, num_minibatches=1), **kw)
 
 
 def make_case(name, assets, tmp_path):
@@ -66,7 +66,7 @@ def experiment(folder, run_dir, name, algo, data, stop_after=0):
     return C.ExperimentConfig(
         name=name, model=C.ModelSpec(name=str(folder)), optim=C.OptimConfig(lr=1e-3, schedule="constant"),
         data=C.DataConfig(batch_size=8, use_chat_template=False, **data),
-        train=C.TrainConfig(steps=STEPS, save_every=SAVE, num_samples=2, max_new_tokens=4, run_dir=str(run_dir),
+        train=C.TrainConfig(steps=STEPS, save_every=SAVE, num_samples=2, sample_max_new_tokens=4, run_dir=str(run_dir),
                             stop_after=stop_after),
         algo=algo)
 

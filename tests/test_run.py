@@ -18,7 +18,7 @@ def tiny_sft_config(folder, source, run_dir, name, steps=4, **train):
         optim=C.OptimConfig(lr=1e-3, warmup_steps=1, schedule="cosine"),
         data=C.DataConfig(source=source, batch_size=8, max_length=64, max_prompt_length=32, eval_size=4,
                           use_chat_template=False, limit=40),
-        train=C.TrainConfig(steps=steps, save_every=2, eval_every=0, num_samples=2, max_new_tokens=4,
+        train=C.TrainConfig(steps=steps, save_every=2, eval_every=0, num_samples=2, sample_max_new_tokens=4,
                             run_dir=str(run_dir), **train),
         algo=C.SFTConfig())
 

@@ -20,8 +20,12 @@ reference model). Reference-free losses (SimPO, ORPO) use neither.
 
 :data:`jaxrlhf.algos.dpo_losses.PREFERENCE_LOSSES` describes each loss once (its function in
 :mod:`jaxrlhf.losses`, whether it needs a reference, summed or length-normalised log-probs, whether it
-reads ``label_smoothing``, paired or KTO data); the config's validation, the step and the held-out metrics
-all read it. Members: dpo (cDPO with ``label_smoothing``), ipo, hinge, robust, simpo, orpo, kto.
+reads ``label_smoothing``, paired, KTO or ranked data); the config's validation, the step and the held-out
+metrics all read it. Members: dpo (cDPO with ``label_smoothing``), ipo, hinge, robust, simpo, orpo, kto,
+plackett_luce (K-way rankings ``[B, N, T]`` + ``ranks``).
+
+β is a traced input: the step reads it from ``state.extra["beta"]`` (:func:`dpo_extra`, float32 scalar),
+so runs that differ only in β (a sweep) share one compiled step and the persistent compilation cache.
 
 The loss is a mean over examples (pairs, or KTO completions), returned to :func:`gradient_step` as a sum
 with the example count as normaliser (exact accumulation). Metrics: ``loss``, ``rewards/chosen``,
@@ -80,14 +84,20 @@ def reference_sums(graphdef: nnx.GraphDef, ref_params: Any | None, batch: dict) 
     return jax.lax.stop_gradient(sequence_logps(graphdef, jax.lax.stop_gradient(ref_params), batch).sums)
 
 
-def dpo_family_loss(params, batch: dict, ref_params: Any | None, *, graphdef: nnx.GraphDef, cfg: DPOConfig):
+def dpo_extra(cfg: DPOConfig) -> dict:
+    """``TrainState.extra`` of the DPO family: ``{"beta": float32 scalar}`` (the traced β of the step)."""
+    return {"beta": jnp.asarray(cfg.beta, jnp.float32)}
+
+
+def dpo_family_loss(params, batch: dict, ref_params: Any | None, *, graphdef: nnx.GraphDef, cfg: DPOConfig,
+                    beta):
     """``(loss_sum, (num_examples, metrics))`` for :func:`gradient_step`: the loss of
-    ``PREFERENCE_LOSSES[cfg.loss]`` on the policy's (and, when the loss uses one, the reference's)
-    sequence log-probs."""
+    ``PREFERENCE_LOSSES[cfg.loss]`` with temperature ``beta`` (float scalar, may be traced) on the policy's
+    (and, when the loss uses one, the reference's) sequence log-probs."""
     entry = PREFERENCE_LOSSES[cfg.loss]
     pol = sequence_logps(graphdef, params, batch)
     ref = reference_sums(graphdef, ref_params, batch) if entry.uses_reference else None
-    loss, metrics = entry(pol, ref, batch, cfg)
+    loss, metrics = entry(pol, ref, batch, cfg, beta)
     n = jnp.asarray(batch["tokens"].shape[0], jnp.float32)
     return loss * n, (n, metrics)
 
@@ -96,34 +106,47 @@ def dpo_step(state: TrainState, batch: dict, ref_params: Any | None = None, *, g
              tx: optax.GradientTransformation, cfg: DPOConfig, grad_accum_steps: int = 1
              ) -> tuple[TrainState, dict]:
     """One optimizer step of the DPO family (pure). ``ref_params`` = frozen reference parameters, or
-    None when the batch carries ``reference_logps`` or the loss is reference-free."""
+    None when the batch carries ``reference_logps`` or the loss is reference-free. β is
+    ``state.extra["beta"]`` (:func:`dpo_extra`), not ``cfg.beta``: a traced input."""
 
     def loss_fn(params, mb):
-        return dpo_family_loss(params, mb, ref_params, graphdef=graphdef, cfg=cfg)
+        return dpo_family_loss(params, mb, ref_params, graphdef=graphdef, cfg=cfg, beta=state.extra["beta"])
 
     return gradient_step(state, batch, loss_fn=loss_fn, tx=tx, grad_accum_steps=grad_accum_steps)
 
 
 def eval_logps(params, batch: dict, *, graphdef: nnx.GraphDef) -> dict:
-    """Eval forward: ``{"sums", "counts"}`` ``[B, 2]`` of the policy (jit it)."""
+    """Eval forward: ``{"sums", "counts"}`` ``[B, 2]`` (``[B, N]``) of the policy (jit it)."""
     pol = sequence_logps(graphdef, params, batch)
     return {"sums": pol.sums, "counts": pol.counts}
 
 
 def eval_metrics(cfg: DPOConfig, outputs: dict, batch: dict) -> dict:
-    """Held-out preference metrics over the real pairs (host, numpy), with the implicit rewards of
-    ``cfg.loss`` (:meth:`~jaxrlhf.algos.dpo_losses.PreferenceLoss.implicit_rewards`): ``reward_accuracy``
-    (fraction with chosen implicit reward > rejected), ``reward_margin`` (mean difference), ``reward_chosen``,
-    ``reward_rejected``, ``logps_chosen``, ``logps_rejected`` (policy sums), ``pairs``."""
-    valid = np.asarray(batch["segment_ids"]).any(-1).all(-1)
-    sums = np.asarray(outputs["sums"], np.float64)[valid]
-    counts = np.asarray(outputs["counts"], np.float64)[valid]
+    """Held-out preference metrics (host, numpy) with the implicit rewards of ``cfg.loss``
+    (:meth:`~jaxrlhf.algos.dpo_losses.PreferenceLoss.implicit_rewards`), over every ordered pair of the
+    real completions of each example (a preference pair is ranks ``[0, 1]``; a ranked batch carries
+    ``ranks``, -1 = missing): ``reward_accuracy`` (fraction of pairs whose better completion has the
+    higher implicit reward), ``reward_margin`` (mean difference over those pairs), ``reward_chosen`` /
+    ``reward_rejected`` (mean implicit reward of the best / worst completion), ``logps_chosen`` /
+    ``logps_rejected`` (their policy log-prob sums), ``pairs`` (examples with at least two completions)."""
+    sums = np.asarray(outputs["sums"], np.float64)
+    counts = np.asarray(outputs["counts"], np.float64)
+    B, N = sums.shape
+    ranks = np.asarray(batch["ranks"]) if "ranks" in batch else np.tile(np.arange(N), (B, 1))
+    present = (ranks >= 0) & np.asarray(batch["segment_ids"]).any(-1)
+    valid = present.sum(-1) >= 2
+    ranks, present, sums, counts = ranks[valid], present[valid], sums[valid], counts[valid]
     ref = np.asarray(batch["reference_logps"], np.float64)[valid] if "reference_logps" in batch else None
     r = PREFERENCE_LOSSES[cfg.loss].implicit_rewards(cfg.beta, sums, counts, ref, xp=np)
-    d = r[:, 0] - r[:, 1]
+    pair = (ranks[:, :, None] < ranks[:, None, :]) & present[:, :, None] & present[:, None, :]
+    d = (r[:, :, None] - r[:, None, :])[pair]
+    big = np.iinfo(np.int32).max
+    best = np.argmin(np.where(present, ranks, big), axis=-1)
+    worst = np.argmax(np.where(present, ranks, -1), axis=-1)
+    rows = np.arange(len(best))
     return {"reward_accuracy": float(np.mean(d > 0)), "reward_margin": float(np.mean(d)),
-            "reward_chosen": float(np.mean(r[:, 0])), "reward_rejected": float(np.mean(r[:, 1])),
-            "logps_chosen": float(np.mean(sums[:, 0])), "logps_rejected": float(np.mean(sums[:, 1])),
+            "reward_chosen": float(np.mean(r[rows, best])), "reward_rejected": float(np.mean(r[rows, worst])),
+            "logps_chosen": float(np.mean(sums[rows, best])), "logps_rejected": float(np.mean(sums[rows, worst])),
             "pairs": int(valid.sum())}
 
 

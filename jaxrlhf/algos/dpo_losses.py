@@ -8,7 +8,12 @@ One :class:`PreferenceLoss` entry per ``algo.loss`` name says everything the res
   the policy and the reference alike;
 * ``label_smoothing``: whether the loss reads ``cfg.label_smoothing`` (others require it to be 0);
 * ``unpaired``: KTO-style data (each pair gives two labelled examples; index 1 holds a mismatched
-  completion for the KL reference point) instead of preference pairs.
+  completion for the KL reference point) instead of preference pairs;
+* ``rankings``: K-way ranked data (``[B, N, T]`` + ``ranks [B, N]``, InstructGPT's rankings) instead of
+  preference pairs.
+
+Every adapter takes ``beta`` as an argument (a traced scalar: the step reads it from
+``TrainState.extra["beta"]``), so runs that differ only in β share one compiled step.
 
 The implicit reward of every loss follows from ``logps`` and ``uses_reference``:
 ``β (π - ref)`` with a reference, ``β π`` without, on the chosen form of log-probs
@@ -51,9 +56,9 @@ class SeqLogps(NamedTuple):
 
 
 # An adapter: (policy logps [B, 2], reference logps [B, 2] or None -- both already in the entry's form,
-# sums or means --, batch, cfg) -> (loss, metrics). Index 0 = chosen (KTO: the example), 1 = rejected
-# (KTO: the mismatched completion).
-Adapter = Callable[[jax.Array, "jax.Array | None", dict, Any], tuple[jax.Array, dict]]
+# sums or means --, batch, cfg, beta) -> (loss, metrics). Index 0 = chosen (KTO: the example), 1 = rejected
+# (KTO: the mismatched completion); ranked entries get [B, N] in the batch's order.
+Adapter = Callable[[jax.Array, "jax.Array | None", dict, Any, Any], tuple[jax.Array, dict]]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -66,17 +71,19 @@ class PreferenceLoss:
     logps: Literal["sum", "mean"]
     label_smoothing: bool = False
     unpaired: bool = False
+    rankings: bool = False
 
     def select(self, sums, counts, xp=jnp):
         """``sums`` as this loss reads them: unchanged (``sum``) or ``sums / max(counts, 1)`` (``mean``);
         ``xp`` = ``jnp`` (traced) or ``numpy`` (host)."""
         return sums if self.logps == "sum" else sums / xp.maximum(counts, 1.0)
 
-    def __call__(self, policy: SeqLogps, reference_sums, batch: dict, cfg) -> tuple[jax.Array, dict]:
-        """The loss of ``policy`` (and ``reference_sums`` ``[B, 2]``, summed over the same completions, or
-        None for a reference-free loss) under ``cfg``: ``(scalar loss, metrics)``."""
+    def __call__(self, policy: SeqLogps, reference_sums, batch: dict, cfg, beta) -> tuple[jax.Array, dict]:
+        """The loss of ``policy`` (and ``reference_sums`` ``[B, 2]`` (``[B, N]``), summed over the same
+        completions, or None for a reference-free loss) under ``cfg`` with temperature ``beta`` (float32
+        scalar, may be traced): ``(scalar loss, metrics)``."""
         ref = None if reference_sums is None else self.select(reference_sums, policy.counts)
-        return self.fn(self.select(policy.sums, policy.counts), ref, batch, cfg)
+        return self.fn(self.select(policy.sums, policy.counts), ref, batch, cfg, beta)
 
     def implicit_rewards(self, beta: float, sums, counts, reference_sums=None, xp=jnp):
         """Implicit rewards ``[B, 2]`` as this loss defines them: ``β (π - ref)`` (with a reference) or
@@ -87,41 +94,45 @@ class PreferenceLoss:
         return beta * (pol - self.select(reference_sums, counts, xp))
 
 
-def _kto(pol, ref, batch, cfg):
+def _kto(pol, ref, batch, cfg, beta):
     z0 = losses.kto_kl_reference_point(pol[:, 1], ref[:, 1])
-    return losses.kto_loss(pol[:, 0], ref[:, 0], batch["desirable"], z0, beta=cfg.beta,
+    return losses.kto_loss(pol[:, 0], ref[:, 0], batch["desirable"], z0, beta=beta,
                            desirable_weight=cfg.kto_desirable_weight, undesirable_weight=cfg.kto_undesirable_weight)
 
 
 _ENTRIES = (
     # DPO (Rafailov et al. 2023); label_smoothing > 0 is cDPO.
     PreferenceLoss(name="dpo", uses_reference=True, logps="sum", label_smoothing=True,
-                   fn=lambda pol, ref, batch, cfg: losses.dpo_loss(
-                       pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], beta=cfg.beta,
+                   fn=lambda pol, ref, batch, cfg, beta: losses.dpo_loss(
+                       pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], beta=beta,
                        label_smoothing=cfg.label_smoothing)),
     # IPO (Azar et al. 2023) on length-averaged log-probs, as TRL.
     PreferenceLoss(name="ipo", uses_reference=True, logps="mean",
-                   fn=lambda pol, ref, batch, cfg: losses.ipo_loss(
-                       pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], beta=cfg.beta)),
+                   fn=lambda pol, ref, batch, cfg, beta: losses.ipo_loss(
+                       pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], beta=beta)),
     # SLiC hinge on DPO log-ratios (TRL "hinge").
     PreferenceLoss(name="hinge", uses_reference=True, logps="sum",
-                   fn=lambda pol, ref, batch, cfg: losses.hinge_dpo_loss(
-                       pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], beta=cfg.beta)),
+                   fn=lambda pol, ref, batch, cfg, beta: losses.hinge_dpo_loss(
+                       pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], beta=beta)),
     # Robust DPO (Chowdhury et al. 2024; TRL "robust"); label_smoothing = the label flip rate.
     PreferenceLoss(name="robust", uses_reference=True, logps="sum", label_smoothing=True,
-                   fn=lambda pol, ref, batch, cfg: losses.robust_dpo_loss(
-                       pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], beta=cfg.beta,
+                   fn=lambda pol, ref, batch, cfg, beta: losses.robust_dpo_loss(
+                       pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], beta=beta,
                        label_smoothing=cfg.label_smoothing)),
     # SimPO (Meng et al. 2024): length-normalised, reference-free.
     PreferenceLoss(name="simpo", uses_reference=False, logps="mean", label_smoothing=True,
-                   fn=lambda pol, ref, batch, cfg: losses.simpo_loss(
-                       pol[:, 0], pol[:, 1], beta=cfg.beta, gamma_beta_ratio=cfg.simpo_gamma_beta_ratio,
+                   fn=lambda pol, ref, batch, cfg, beta: losses.simpo_loss(
+                       pol[:, 0], pol[:, 1], beta=beta, gamma_beta_ratio=cfg.simpo_gamma_beta_ratio,
                        label_smoothing=cfg.label_smoothing)),
     # ORPO (Hong et al. 2024): reference-free; the NLL term is the mean chosen token NLL.
     PreferenceLoss(name="orpo", uses_reference=False, logps="mean",
-                   fn=lambda pol, ref, batch, cfg: losses.orpo_loss(pol[:, 0], pol[:, 1], -pol[:, 0], beta=cfg.beta)),
+                   fn=lambda pol, ref, batch, cfg, beta: losses.orpo_loss(pol[:, 0], pol[:, 1], -pol[:, 0], beta=beta)),
     # KTO (Ethayarajh et al. 2024): unpaired examples, KL reference point from the mismatched index 1.
     PreferenceLoss(name="kto", uses_reference=True, logps="sum", unpaired=True, fn=_kto),
+    # Plackett-Luce DPO (Rafailov et al. 2023, App. A.3): the whole K-way ranking, not its pairs.
+    PreferenceLoss(name="plackett_luce", uses_reference=True, logps="sum", rankings=True,
+                   fn=lambda pol, ref, batch, cfg, beta: losses.plackett_luce_dpo_loss(
+                       pol, ref, batch["ranks"], beta=beta)),
 )
 
 PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {e.name: e for e in _ENTRIES}

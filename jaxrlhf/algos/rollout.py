@@ -34,7 +34,7 @@ from flax import nnx
 from jaxrlhf.kl_control import adaptive_kl_update, init_kl_controller
 from jaxrlhf.models.heads import last_token_index
 from jaxrlhf.ops import entropy_from_logits, kl_k1, masked_mean, masked_var, next_token_logprobs
-from jaxrlhf.sampling import SampleOutput, SamplingConfig
+from jaxrlhf.sampling import SamplingConfig
 from jaxrlhf.sharding import constrain
 from jaxrlhf.train_state import TrainState, gradient_step
 
@@ -65,11 +65,6 @@ def sampling_config(rollout, eos_token_ids: tuple[int, ...], pad_token_id: int) 
 
 
 # ------------------------------------------------------------------------------------------- forward passes
-
-def lm_of(sample: SampleOutput) -> dict:
-    """The LM batch (``tokens``/``positions``/``segment_ids``/``completion_mask`` ``[B, S]``) of a sample."""
-    return sample.lm_batch()
-
 
 def token_logps(graphdef: nnx.GraphDef, params: Any, lm: dict, temperature: float):
     """One forward pass: ``(logps_BS, out)`` with ``logps[:, t] = log softmax(logits[:, t-1] / τ)[tokens[t]]``

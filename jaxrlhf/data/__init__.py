@@ -15,7 +15,6 @@ from jaxrlhf.data.batching import (
     build_preference_batch,
     build_prompt_batch,
     build_ranked_batch,
-    build_unpaired_batch,
     pack_lm_examples,
     stack_examples,
     unstack_batch,
@@ -29,7 +28,6 @@ from jaxrlhf.data.formats import (
     PromptExample,
     RankedExample,
     SFTExample,
-    UnpairedExample,
     classification_examples,
     hh_to_messages,
     imdb_prefix,
@@ -41,7 +39,6 @@ from jaxrlhf.data.formats import (
     ranks_from_scores,
     sft_examples,
     split_hh_pair,
-    unpaired_examples,
 )
 from jaxrlhf.data.iterator import BatchIterator, train_eval_split
 from jaxrlhf.data.sources import DatasetFetchError, load_rows
@@ -51,7 +48,6 @@ from jaxrlhf.data.tokenize import (
     RankedTokens,
     SFTTokens,
     TruncationReport,
-    UnpairedTokens,
     encode_pair,
     encode_prompt,
     encode_response,
@@ -63,7 +59,6 @@ from jaxrlhf.data.tokenize import (
     tokenize_prompt_dataset,
     tokenize_ranked_dataset,
     tokenize_sft_dataset,
-    tokenize_unpaired_dataset,
     truncate_pair,
 )
 

@@ -26,7 +26,6 @@ from jaxrlhf.data.tokenize import (  # noqa: F401  (re-exported: dataset-level h
     tokenize_prompt_dataset,
     tokenize_ranked_dataset,
     tokenize_sft_dataset,
-    tokenize_unpaired_dataset,
 )
 
 __all__ = [
@@ -35,7 +34,6 @@ __all__ = [
     "pack_lm_examples",
     "build_preference_batch",
     "build_ranked_batch",
-    "build_unpaired_batch",
     "build_classification_batch",
     "build_prompt_batch",
     "stack_examples",
@@ -298,22 +296,6 @@ def build_ranked_batch(
             _write_seq(batch, (i, j), p, _ids(c), seq_len, padding_side, i)
         ranks[i, : len(rk)] = rk
     batch["ranks"] = ranks
-    return batch
-
-
-def build_unpaired_batch(
-    examples: Sequence[tuple[Sequence[int], Sequence[int], bool]],
-    seq_len: int,
-    pad_id: int,
-    padding_side: PaddingSide = "right",
-    *,
-    batch_size: int | None = None,
-) -> dict[str, np.ndarray]:
-    """``[(prompt_ids, completion_ids, desirable), ...]`` -> LM keys ``[B, T]`` + ``desirable`` bool[B] (KTO)."""
-    batch = build_lm_batch([(ex[0], ex[1]) for ex in examples], seq_len, pad_id, padding_side, batch_size=batch_size)
-    desirable = np.zeros(batch["tokens"].shape[0], bool)
-    desirable[: len(examples)] = [bool(ex[2]) for ex in examples]
-    batch["desirable"] = desirable
     return batch
 
 

@@ -5,7 +5,6 @@ Canonical examples:
 * :class:`SFTExample` ``(prompt, response)``
 * :class:`PreferenceExample` ``(prompt, chosen, rejected)``
 * :class:`RankedExample` ``(prompt, completions, ranks)``  (rank 0 = best, ties share a rank)
-* :class:`UnpairedExample` ``(prompt, completion, desirable)``  (KTO)
 * :class:`ClassificationExample` ``(text, label)``
 * :class:`PromptExample` ``(prompt)``  (rollouts)
 
@@ -31,7 +30,6 @@ __all__ = [
     "SFTExample",
     "PreferenceExample",
     "RankedExample",
-    "UnpairedExample",
     "ClassificationExample",
     "PromptExample",
     "sft_example",
@@ -41,8 +39,6 @@ __all__ = [
     "ranked_example",
     "ranked_examples",
     "ranks_from_scores",
-    "unpaired_example",
-    "unpaired_examples",
     "classification_example",
     "classification_examples",
     "prompt_example",
@@ -93,15 +89,6 @@ class RankedExample:
     prompt: Prompt
     completions: list[str]
     ranks: list[int]
-
-
-@dataclasses.dataclass(frozen=True)
-class UnpairedExample:
-    """One completion labelled desirable / undesirable (KTO, Ethayarajh et al. 2024)."""
-
-    prompt: Prompt
-    completion: str
-    desirable: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -564,31 +551,8 @@ def ranked_examples(rows: Iterable[Mapping[str, Any]]) -> list[RankedExample]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Unpaired (KTO), classification, prompts
+# Classification, prompts
 # ----------------------------------------------------------------------------------------------
-_UNPAIRED_ACCEPTED = "{prompt, completion, label} (label true/1 = desirable)"
-
-
-def unpaired_example(row: Mapping[str, Any], index: int = 0) -> UnpairedExample:
-    """``{prompt, completion, label}`` -> :class:`UnpairedExample` (``label`` bool or 0/1).
-
-    Raises:
-      ValueError: missing field or a label that is not a bool / 0 / 1.
-    """
-    kind = "unpaired"
-    prompt = _check_prompt(_require(row, "prompt", index, kind, _UNPAIRED_ACCEPTED), index)
-    completion = _response_text(_require(row, "completion", index, kind, _UNPAIRED_ACCEPTED), index, "completion")
-    label = _require(row, "label", index, kind, _UNPAIRED_ACCEPTED)
-    if label not in (True, False, 0, 1):
-        raise ValueError(f"row {index}: 'label' must be true/false or 1/0 (1 = desirable), got {label!r}")
-    return UnpairedExample(prompt, completion, bool(label))
-
-
-def unpaired_examples(rows: Iterable[Mapping[str, Any]]) -> list[UnpairedExample]:
-    """Rows -> unpaired (KTO) examples (see :func:`unpaired_example`)."""
-    return [unpaired_example(row, i) for i, row in _as_rows(rows)]
-
-
 _CLS_ACCEPTED = "{text, label} (label an integer class id)"
 
 

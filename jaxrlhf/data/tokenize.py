@@ -41,7 +41,6 @@ __all__ = [
     "SFTTokens",
     "PreferenceTokens",
     "RankedTokens",
-    "UnpairedTokens",
     "ClassificationTokens",
     "encode_prompt",
     "encode_response",
@@ -53,7 +52,6 @@ __all__ = [
     "tokenize_sft_dataset",
     "tokenize_preference_dataset",
     "tokenize_ranked_dataset",
-    "tokenize_unpaired_dataset",
     "tokenize_classification_dataset",
     "tokenize_prompt_dataset",
 ]
@@ -138,12 +136,6 @@ class RankedTokens(NamedTuple):
     prompt_ids: np.ndarray
     completion_ids: list[np.ndarray]
     ranks: list[int]
-
-
-class UnpairedTokens(NamedTuple):
-    prompt_ids: np.ndarray
-    completion_ids: np.ndarray
-    desirable: bool
 
 
 class ClassificationTokens(NamedTuple):
@@ -555,33 +547,6 @@ def tokenize_ranked_dataset(
         if t is not None:
             out.append(RankedTokens(t[0], t[1], list(ex.ranks)))
     _finish(report, "ranked")
-    return out, report
-
-
-def tokenize_unpaired_dataset(
-    rows: Iterable[Mapping[str, Any] | F.UnpairedExample],
-    tokenizer: Any,
-    *,
-    max_length: int,
-    max_prompt_length: int | None = None,
-    use_chat_template: bool = False,
-    add_eos: bool = True,
-    on_overflow: OnOverflow = "truncate",
-) -> tuple[list[UnpairedTokens], TruncationReport]:
-    """Rows (or ``UnpairedExample``) -> ``([UnpairedTokens], TruncationReport)``."""
-    examples = _as_examples(rows, F.UnpairedExample, F.unpaired_examples)
-    enc = _Encoder(tokenizer, use_chat_template)
-    report = TruncationReport()
-    out: list[UnpairedTokens] = []
-    prompts = [ex.prompt for ex in examples]
-    ps = enc.prompt_many(prompts)
-    rs = enc.response_many(prompts, ps, [ex.completion for ex in examples], add_eos)
-    for i, (ex, p, r) in enumerate(zip(examples, ps, rs)):
-        t = truncate_pair(p, [r], max_length=max_length, max_prompt_length=max_prompt_length,
-                          on_overflow=on_overflow, report=report, index=i)
-        if t is not None:
-            out.append(UnpairedTokens(t[0], t[1][0], bool(ex.desirable)))
-    _finish(report, "unpaired")
     return out, report
 
 

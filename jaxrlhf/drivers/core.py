@@ -213,6 +213,45 @@ def greedy_samples(policy: Policy, prompt_ids: list, max_new_tokens: int) -> Cal
     return sample
 
 
+# ------------------------------------------------------------------------------------------- policy evaluation
+
+class PolicyEval(NamedTuple):
+    """The study's evaluation of a run's policy (``cfg.policy_eval``): the evaluator and how to read the
+    policy's parameters out of the train state."""
+
+    evaluator: Any  # jaxrlhf.policy_eval.PolicyEvaluator
+    params_of: Callable[[Any], Any]
+
+
+def policy_eval_for(cfg: C.ExperimentConfig, policy: Policy, params_of: Callable[[Any], Any]) -> PolicyEval | None:
+    """:class:`PolicyEval` of ``cfg.policy_eval`` (None when the section is unset). π_ref is the run's
+    initial policy (``policy.params``; call this before the driver lets go of them), or the model named
+    by ``policy_eval.reference`` (which must have the policy's architecture).
+
+    Raises:
+      ConfigError: ``policy_eval.reference`` has another architecture than the policy, or
+        ``policy_eval.max_prompt_length + max_new_tokens`` exceeds the model's context.
+    """
+    spec = cfg.policy_eval
+    if spec is None:
+        return None
+    from jaxrlhf.policy_eval import build_policy_evaluator
+
+    check_lengths(policy.model_cfg, spec.max_prompt_length + spec.max_new_tokens,
+                  "policy_eval.max_prompt_length + policy_eval.max_new_tokens")
+    ref_params = policy.params
+    if spec.reference and spec.reference != cfg.model.name:
+        ref = load_policy(dataclasses.replace(cfg.model, name=spec.reference))
+        layout = lambda p: (jax.tree.structure(p), [x.shape for x in jax.tree.leaves(p)])  # noqa: E731
+        if layout(ref.params) != layout(policy.params):
+            raise C.ConfigError(f"policy_eval.reference={spec.reference!r} has another architecture than "
+                                f"model.name={cfg.model.name!r}; the KL needs both on the same tokens")
+        ref_params = ref.params
+    evaluator = build_policy_evaluator(spec, graphdef=policy.graphdef, ref_params=ref_params,
+                                       tokenizer=policy.tokenizer, model_cfg=policy.model_cfg)
+    return PolicyEval(evaluator, params_of)
+
+
 # ------------------------------------------------------------------------------------------- the drive
 
 class Evaluation(NamedTuple):
@@ -227,7 +266,8 @@ def drive(run: Run, state: Any, position: dict | None, *, step_fn: Callable, bat
           place: Callable, meta: dict, evaluate: Callable[[Any], Evaluation] | None = None,
           sample: Callable[[Any], list[dict]] | None = None, after_step: Callable | None = None,
           finalize: Callable[[Any], Any] | None = None, export: Callable[[Any], dict] | None = None,
-          step_args: tuple = (), pass_step: bool = False, tokens_per_step: int | None = None) -> dict:
+          step_args: tuple = (), pass_step: bool = False, tokens_per_step: int | None = None,
+          policy_eval: PolicyEval | None = None) -> dict:
     """Train ``state`` to ``cfg.train.steps`` with :func:`jaxrlhf.loop.train_loop` and write the run.
 
     What every driver gets from here, in order:
@@ -235,6 +275,8 @@ def drive(run: Run, state: Any, position: dict | None, *, step_fn: Callable, bat
     1. ``batches.set_state(position)`` on a resumed run;
     2. on a fresh run (step 0): ``evaluate(state)`` logged as the step-0 ``eval`` row, and ``before``
        samples (``sample(state)``, else the evaluation's samples; ``train.num_samples`` of them);
+       ``policy_eval`` (the study's one evaluation, :func:`policy_eval_for`) joins every ``eval`` row
+       with its metrics (they win a name clash) and writes its samples tagged ``policy_eval``;
     3. the loop (``eval`` every ``train.eval_every`` steps and at the last step, ``finalize`` before the
        last checkpoint, ``after`` samples at the last step, ``stop_after`` honoured);
     4. at the last step ``export(state) -> dict`` on process 0 (merged into the summary);
@@ -249,9 +291,17 @@ def drive(run: Run, state: Any, position: dict | None, *, step_fn: Callable, bat
     last_eval: list = []  # the samples of the most recent evaluation (for drivers without `sample`)
 
     def eval_metrics(st) -> dict:
-        ev = evaluate(st)
-        last_eval[:] = list(ev.samples)
-        return ev.metrics
+        metrics: dict = {}
+        if evaluate is not None:
+            ev = evaluate(st)
+            last_eval[:] = list(ev.samples)
+            metrics.update(ev.metrics)
+        if policy_eval is not None:
+            step_no = int(jax.device_get(st.step))
+            pe_metrics, pe_samples = policy_eval.evaluator(policy_eval.params_of(st))
+            metrics.update(pe_metrics)
+            run.dir.write_samples(step_no, [dict(x, tag="policy_eval") for x in pe_samples])
+        return metrics
 
     def write_samples(st, tag: str, step_no: int) -> None:
         out = sample(st) if sample is not None else last_eval
@@ -259,18 +309,19 @@ def drive(run: Run, state: Any, position: dict | None, *, step_fn: Callable, bat
         run.dir.write_samples(step_no, out)
         written[tag] = out
 
+    has_eval = evaluate is not None or policy_eval is not None
     start = int(jax.device_get(state.step))
     if start == 0:
-        if evaluate is not None:
+        if has_eval:
             run.dir.log(0, eval_metrics(state), split="eval")
         if n_samples:
             write_samples(state, "before", 0)
-    hooks = Hooks(evaluate=eval_metrics if evaluate is not None else None, after_step=after_step,
+    hooks = Hooks(evaluate=eval_metrics if has_eval else None, after_step=after_step,
                   finalize=finalize, at_end=(lambda st, s: write_samples(st, "after", s)) if n_samples else None)
     state = train_loop(state=state, step_fn=step_fn, batches=batches, place=place, total_steps=cfg.train.steps,
                        run=run.dir, checkpointer=run.checkpointer, data_position=batches.get_state, meta=meta,
                        log_every=cfg.train.log_every,
-                       eval_every=(cfg.train.eval_every or cfg.train.steps) if evaluate is not None else 0,
+                       eval_every=(cfg.train.eval_every or cfg.train.steps) if has_eval else 0,
                        save_every=cfg.train.save_every, hooks=hooks, tokens_per_step=tokens_per_step,
                        step_args=step_args, pass_step=pass_step, stop_after=cfg.train.stop_after)
     extra: dict = {}

@@ -1,6 +1,8 @@
-"""The DPO-family driver (dpo/cDPO, ipo, simpo, orpo, kto) -> ``algos.dpo.dpo_step``.
+"""The DPO-family driver (every loss of ``algos.dpo_losses.PREFERENCE_LOSSES``) -> ``algos.dpo.dpo_step``.
 
-Data: preference pairs (KTO: unpaired into desirable/undesirable examples with mismatched partners). The
+Data: preference pairs (KTO: unpaired into desirable/undesirable examples with mismatched partners;
+Plackett-Luce: K-way rankings ``{prompt, completions, ranking | scores}``). β lives in
+``state.extra["beta"]`` (:func:`jaxrlhf.algos.dpo.dpo_extra`). The
 reference (losses that use one): the initial policy or ``algo.reference_model``, either run inside the
 step (``algo.reference = "model"``) or once over the data here (``"precomputed"``:
 :func:`precompute_reference`, the batches then carry ``reference_logps``). Held-out metrics:
@@ -9,7 +11,7 @@ completions of held-out prompts.
 
 Config fields read here: ``data.{max_length,padding_side,seed,batch_size}`` (+ those of
 :func:`jaxrlhf.drivers.reward.tokenize_pairs`), ``optim.grad_accum_steps``, ``train.{steps,num_samples,
-max_new_tokens}``, ``model`` (replaced by ``algo.reference_model``), ``algo.{loss,uses_reference,
+sample_max_new_tokens}``, ``model`` (replaced by ``algo.reference_model``), ``algo.{loss,uses_reference,
 reference,reference_model}``.
 """
 
@@ -26,10 +28,12 @@ import numpy as np
 from flax import nnx
 
 from jaxrlhf import config as C
-from jaxrlhf.algos.dpo import build_kto_batch, dpo_step, eval_logps, eval_metrics, kto_examples, sequence_logps
-from jaxrlhf.data.batching import build_preference_batch
+from jaxrlhf.algos.dpo import (build_kto_batch, dpo_extra, dpo_step, eval_logps, eval_metrics, kto_examples,
+                               sequence_logps)
+from jaxrlhf.algos.dpo_losses import PREFERENCE_LOSSES
+from jaxrlhf.data.batching import build_preference_batch, build_ranked_batch
 from jaxrlhf.data.iterator import BatchIterator
-from jaxrlhf.data.tokenize import pad_id_for
+from jaxrlhf.data.tokenize import pad_id_for, tokenize_ranked_dataset
 from jaxrlhf.drivers import core
 from jaxrlhf.drivers.reward import tokenize_pairs
 from jaxrlhf.sharding import place_batch
@@ -47,11 +51,11 @@ class WithReference(NamedTuple):
 
 def collate_with_reference(base: Callable) -> Callable:
     """Wrap a collate so a list of :class:`WithReference` gives the base batch plus ``reference_logps``
-    float32 ``[B, 2]`` (0 on padding rows)."""
+    float32 ``[B, 2]`` (``[B, N]`` for rankings; 0 on padding rows)."""
 
     def collate(examples: Sequence[WithReference], batch_size: int | None = None) -> dict:
         batch = base([ex.example for ex in examples], batch_size=batch_size)
-        ref = np.zeros((batch["tokens"].shape[0], 2), np.float32)
+        ref = np.zeros(batch["tokens"].shape[:2], np.float32)
         if examples:
             ref[:len(examples)] = np.stack([ex.reference_logps for ex in examples])
         batch["reference_logps"] = ref
@@ -78,20 +82,31 @@ def train(cfg: C.ExperimentConfig, resume: bool = False) -> dict:
     run = core.start_run(cfg)
     policy = core.load_policy(cfg.model)
     core.check_lengths(policy.model_cfg, d.max_length, "data.max_length")
+    entry = PREFERENCE_LOSSES[a.loss]
     train_rows, eval_rows = core.split_rows(d)
-    train_pairs, train_rep = tokenize_pairs(train_rows, d, policy.tokenizer)
-    eval_pairs, eval_rep = tokenize_pairs(eval_rows, d, policy.tokenizer)
-    log.info("data: %d train / %d eval pairs; train %s; eval %s", len(train_pairs), len(eval_pairs),
-             train_rep.summary(), eval_rep.summary())
     common = dict(seq_len=d.max_length, pad_id=pad_id_for(policy.tokenizer), padding_side=d.padding_side)
-    pair_collate = functools.partial(build_preference_batch, **common)
-    if a.loss == "kto":
+    if entry.rankings:
+        tok = lambda rows: tokenize_ranked_dataset(  # noqa: E731
+            rows, policy.tokenizer, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
+            use_chat_template=core.use_chat_template(d, policy.tokenizer), on_overflow=d.on_overflow)
+    else:
+        tok = lambda rows: tokenize_pairs(rows, d, policy.tokenizer)  # noqa: E731
+    train_pairs, train_rep = tok(train_rows)
+    eval_pairs, eval_rep = tok(eval_rows)
+    log.info("data: %d train / %d eval %s; train %s; eval %s", len(train_pairs), len(eval_pairs),
+             "rankings" if entry.rankings else "pairs", train_rep.summary(), eval_rep.summary())
+    if entry.rankings:
+        n = max(len(ex.completion_ids) for ex in list(train_pairs) + list(eval_pairs))
+        pair_collate = functools.partial(build_ranked_batch, num_completions=n, **common)
+    else:
+        pair_collate = functools.partial(build_preference_batch, **common)
+    if entry.unpaired:
         train_ex, collate = kto_examples(train_pairs, seed=d.seed), functools.partial(build_kto_batch, **common)
     else:
         train_ex, collate = list(train_pairs), pair_collate
 
     tx = make_optimizer(cfg.optim, cfg.train.steps)
-    state, sharding, position = core.init_or_restore(run, policy.params, tx, resume)
+    state, sharding, position = core.init_or_restore(run, policy.params, tx, resume, extra=dpo_extra(a))
     micro = d.batch_size // cfg.optim.grad_accum_steps
     place = functools.partial(place_batch, mesh=run.mesh)
     eval_ex, eval_collate, step_args = list(eval_pairs), pair_collate, ()
@@ -118,8 +133,9 @@ def train(cfg: C.ExperimentConfig, resume: bool = False) -> dict:
                 raise ValueError("algo.reference='model' runs the reference with the policy's architecture; "
                                  f"{a.reference_model!r} differs: use algo.reference='precomputed'")
             step_args = (ref_params,)
+    policy_eval = core.policy_eval_for(cfg, policy, lambda st: st.params)
     if not step_args:
-        policy.params = None  # no reference model in the step: free the initial weights
+        policy.params = None  # no reference model in the step: free the initial weights (unless policy_eval holds them)
     batches = BatchIterator(train_ex, d.batch_size, collate, seed=d.seed,
                             process_index=jax.process_index(), process_count=jax.process_count())
     step = jit_step(dpo_step, run.mesh, sharding, static_kwargs=dict(
@@ -134,5 +150,5 @@ def train(cfg: C.ExperimentConfig, resume: bool = False) -> dict:
         run, state, position, step_fn=step, batches=batches, place=place, meta={"algo": "dpo", "loss": a.loss},
         evaluate=evaluate if eval_ex else None,
         sample=core.greedy_samples(policy, [p[0] for p in eval_pairs[:cfg.train.num_samples]],
-                                   cfg.train.max_new_tokens),
-        step_args=step_args, tokens_per_step=d.batch_size * 2 * d.max_length)
+                                   cfg.train.sample_max_new_tokens),
+        step_args=step_args, tokens_per_step=d.batch_size * 2 * d.max_length, policy_eval=policy_eval)

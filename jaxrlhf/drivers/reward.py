@@ -34,12 +34,14 @@ from jaxrlhf.train_state import jit_step, make_optimizer
 log = logging.getLogger("jaxrlhf")
 
 
-def tokenize_pairs(rows, data: C.DataConfig, tokenizer):
-    """Preference rows -> ``PreferenceTokens`` (HH dialogues become chat messages when a template is used)."""
+def tokenize_pairs(rows, data: C.DataConfig, tokenizer, add_eos: bool = True):
+    """Preference rows -> ``PreferenceTokens`` (HH dialogues become chat messages when a template is used;
+    ``add_eos``: end each completion with the tokenizer's EOS, as a decoder's sequence score reads it)."""
     chat = core.use_chat_template(data, tokenizer)
     return tokenize_preference_dataset(rows, tokenizer, max_length=data.max_length,
                                        max_prompt_length=data.max_prompt_length, use_chat_template=chat,
-                                       on_overflow=data.on_overflow, format=data.format, hh_prompt_as_messages=chat)
+                                       add_eos=add_eos, on_overflow=data.on_overflow, format=data.format,
+                                       hh_prompt_as_messages=chat)
 
 
 def load_reward_data(cfg: C.ExperimentConfig, tokenizer, is_decoder: bool):
@@ -47,16 +49,18 @@ def load_reward_data(cfg: C.ExperimentConfig, tokenizer, is_decoder: bool):
     d, a = cfg.data, cfg.algo
     train_rows, eval_rows = core.split_rows(d, a.eval_source, a.eval_split)
     common = dict(seq_len=d.max_length, pad_id=pad_id_for(tokenizer), padding_side=d.padding_side)
+    # Decoders score the last token: completions end with EOS. Encoders pool over the text: no EOS (their
+    # tokenizers, e.g. MiniLM's, have none).
+    add_eos = is_decoder and tokenizer.eos_token_id is not None
     if a.objective == "pairwise":
-        tok = lambda rows: tokenize_pairs(rows, d, tokenizer)  # noqa: E731
+        tok = lambda rows: tokenize_pairs(rows, d, tokenizer, add_eos)  # noqa: E731
         collate = functools.partial(batching.build_preference_batch, **common)
     elif a.objective == "ranking":
         tok = lambda rows: tokenize_ranked_dataset(  # noqa: E731
             rows, tokenizer, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
-            use_chat_template=core.use_chat_template(d, tokenizer), on_overflow=d.on_overflow)
+            use_chat_template=core.use_chat_template(d, tokenizer), add_eos=add_eos, on_overflow=d.on_overflow)
         collate = None
     else:
-        add_eos = is_decoder and tokenizer.eos_token_id is not None
         tok = lambda rows: tokenize_classification_dataset(  # noqa: E731
             rows, tokenizer, max_length=d.max_length, add_eos=add_eos, on_overflow=d.on_overflow)
         collate = functools.partial(batching.build_classification_batch, **common)

@@ -17,7 +17,7 @@ KL to the reference of completions of fixed prompts, same key every time) runs a
 Config fields read here: ``data.{source,split,format,seed,max_prompt_length,use_chat_template,on_overflow,
 batch_size}``, ``optim.grad_accum_steps``, ``train.{seed,steps,log_every,num_samples}``,
 ``algo.rollout.{num_completions,max_new_tokens,temperature,top_k,top_p}``, ``algo.reward``, and the update
-fields ``algo.epochs``, ``algo.num_minibatches`` (:func:`_update_shape`, moving to ``algo.update``).
+fields ``algo.update.epochs``, ``algo.update.num_minibatches`` (:func:`_update_shape`).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ ALGORITHMS: dict[type, tuple[RLAlgorithm, str]] = {C.PPOConfig: (PPO, "ppo"), C.
 
 def _update_shape(algo_cfg) -> tuple[int, int]:
     """``(epochs, num_minibatches)`` of the update (the only update fields the driver reads)."""
-    return algo_cfg.epochs, algo_cfg.num_minibatches
+    return algo_cfg.update.epochs, algo_cfg.update.num_minibatches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,7 +199,7 @@ def train(cfg: C.ExperimentConfig, resume: bool = False) -> dict:
     epochs, num_minibatches = _update_shape(a)
     rows = d.batch_size * G
     run = core.start_run(cfg, rows // (num_minibatches * cfg.optim.grad_accum_steps),
-                         "data.batch_size*rollout.num_completions/(algo.num_minibatches*optim.grad_accum_steps)")
+                         "data.batch_size*rollout.num_completions/(algo.update.num_minibatches*optim.grad_accum_steps)")
     policy = core.load_policy(cfg.model)
     core.check_lengths(policy.model_cfg, d.max_prompt_length + a.rollout.max_new_tokens,
                        "data.max_prompt_length + algo.rollout.max_new_tokens")
@@ -248,7 +248,8 @@ def train(cfg: C.ExperimentConfig, resume: bool = False) -> dict:
     summary = core.drive(run, state, position, step_fn=step_fn, batches=batches,
                          place=lambda b: place_batch(repeat_prompts(b, G), run.mesh), meta={"algo": algo_name},
                          evaluate=evaluate if eval_batches else None, after_step=rollout_samples, pass_step=True,
-                         tokens_per_step=rows * a.rollout.max_new_tokens)
+                         tokens_per_step=rows * a.rollout.max_new_tokens,
+                         policy_eval=core.policy_eval_for(cfg, policy, lambda st: st.params["policy"]))
     train_rows = [m for m in run.dir.read_metrics()
                   if m["split"] == "train"]
     summary.update(score_first=train_rows[0]["score/mean"] if train_rows else None,

@@ -5,7 +5,7 @@ of held-out prompts; export: the policy as a Hugging Face folder ``runs/<name>/h
 
 Config fields read here: ``data.{max_length,max_prompt_length,use_chat_template,on_overflow,format,
 padding_side,packing,seed,batch_size}``, ``optim.grad_accum_steps``, ``train.{steps,num_samples,
-max_new_tokens}`` (the samples' length), ``algo`` (the :class:`~jaxrlhf.config.SFTConfig`).
+sample_max_new_tokens}`` (the samples' length), ``algo`` (the :class:`~jaxrlhf.config.SFTConfig`).
 """
 
 from __future__ import annotations
@@ -86,5 +86,6 @@ def train(cfg: C.ExperimentConfig, resume: bool = False) -> dict:
         run, state, position, step_fn=step, batches=batches, place=place, meta={"algo": "sft"},
         evaluate=evaluate if eval_batches else None,
         sample=core.greedy_samples(policy, [ex[0] for ex in eval_ex[:cfg.train.num_samples]],
-                                   cfg.train.max_new_tokens),
-        export=export, tokens_per_step=d.batch_size * d.max_length)
+                                   cfg.train.sample_max_new_tokens),
+        export=export, tokens_per_step=d.batch_size * d.max_length,
+        policy_eval=core.policy_eval_for(cfg, policy, lambda st: st.params))
