@@ -84,6 +84,21 @@ def _preference_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected
 # ----------------------------------------------------------------------------------------------------
 # Reward-model losses.
 # ----------------------------------------------------------------------------------------------------
+def _log_ratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                beta) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The reference-relative losses' shared start: check four ``[B]`` arrays and ``β > 0``; return float32
+    ``(π_c, π_r, π_c - ref_c, π_r - ref_r)``."""
+    _require_1d(
+        policy_chosen_logps=policy_chosen_logps,
+        policy_rejected_logps=policy_rejected_logps,
+        reference_chosen_logps=reference_chosen_logps,
+        reference_rejected_logps=reference_rejected_logps,
+    )
+    _require_positive("beta", beta)
+    pc, pr = as_float(policy_chosen_logps), as_float(policy_rejected_logps)
+    return pc, pr, pc - as_float(reference_chosen_logps), pr - as_float(reference_rejected_logps)
+
+
 def bradley_terry_loss(
     chosen_rewards_B,
     rejected_rewards_B,
@@ -261,17 +276,9 @@ def dpo_loss(
     Raises:
       ValueError: shapes differ or are not ``[B]``; ``beta <= 0``; ``ε`` outside ``[0, 0.5)``.
     """
-    _require_1d(
-        policy_chosen_logps=policy_chosen_logps,
-        policy_rejected_logps=policy_rejected_logps,
-        reference_chosen_logps=reference_chosen_logps,
-        reference_rejected_logps=reference_rejected_logps,
-    )
-    _require_positive("beta", beta)
     _require_label_smoothing(label_smoothing)
-    pc, pr = as_float(policy_chosen_logps), as_float(policy_rejected_logps)
-    chosen_ratio = pc - as_float(reference_chosen_logps)
-    rejected_ratio = pr - as_float(reference_rejected_logps)
+    pc, pr, chosen_ratio, rejected_ratio = _log_ratios(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta)
     logits = beta * (chosen_ratio - rejected_ratio)
     losses = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(logits) - label_smoothing * jax.nn.log_sigmoid(-logits)
     loss = jnp.mean(losses)
@@ -303,16 +310,8 @@ def hinge_dpo_loss(
     Raises:
       ValueError: shapes differ or are not ``[B]``; ``beta <= 0``.
     """
-    _require_1d(
-        policy_chosen_logps=policy_chosen_logps,
-        policy_rejected_logps=policy_rejected_logps,
-        reference_chosen_logps=reference_chosen_logps,
-        reference_rejected_logps=reference_rejected_logps,
-    )
-    _require_positive("beta", beta)
-    pc, pr = as_float(policy_chosen_logps), as_float(policy_rejected_logps)
-    chosen_ratio = pc - as_float(reference_chosen_logps)
-    rejected_ratio = pr - as_float(reference_rejected_logps)
+    pc, pr, chosen_ratio, rejected_ratio = _log_ratios(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta)
     loss = jnp.mean(jax.nn.relu(1.0 - beta * (chosen_ratio - rejected_ratio)))
     return loss, _preference_metrics(beta * chosen_ratio, beta * rejected_ratio, pc, pr, loss)
 
@@ -345,17 +344,9 @@ def robust_dpo_loss(
     Raises:
       ValueError: shapes differ or are not ``[B]``; ``beta <= 0``; ``ε`` outside ``[0, 0.5)``.
     """
-    _require_1d(
-        policy_chosen_logps=policy_chosen_logps,
-        policy_rejected_logps=policy_rejected_logps,
-        reference_chosen_logps=reference_chosen_logps,
-        reference_rejected_logps=reference_rejected_logps,
-    )
-    _require_positive("beta", beta)
     _require_label_smoothing(label_smoothing)
-    pc, pr = as_float(policy_chosen_logps), as_float(policy_rejected_logps)
-    chosen_ratio = pc - as_float(reference_chosen_logps)
-    rejected_ratio = pr - as_float(reference_rejected_logps)
+    pc, pr, chosen_ratio, rejected_ratio = _log_ratios(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta)
     logits = beta * (chosen_ratio - rejected_ratio)
     eps = label_smoothing
     losses = (-(1.0 - eps) * jax.nn.log_sigmoid(logits) + eps * jax.nn.log_sigmoid(-logits)) / (1.0 - 2.0 * eps)
@@ -389,16 +380,8 @@ def ipo_loss(
     Raises:
       ValueError: shapes differ or are not ``[B]``; ``beta <= 0``.
     """
-    _require_1d(
-        policy_chosen_logps=policy_chosen_logps,
-        policy_rejected_logps=policy_rejected_logps,
-        reference_chosen_logps=reference_chosen_logps,
-        reference_rejected_logps=reference_rejected_logps,
-    )
-    _require_positive("beta", beta)
-    pc, pr = as_float(policy_chosen_logps), as_float(policy_rejected_logps)
-    chosen_ratio = pc - as_float(reference_chosen_logps)
-    rejected_ratio = pr - as_float(reference_rejected_logps)
+    pc, pr, chosen_ratio, rejected_ratio = _log_ratios(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta)
     loss = jnp.mean(jnp.square(chosen_ratio - rejected_ratio - 1.0 / (2.0 * beta)))
     return loss, _preference_metrics(beta * chosen_ratio, beta * rejected_ratio, pc, pr, loss)
 

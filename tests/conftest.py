@@ -49,3 +49,19 @@ def tiny_llama_folder(tmp_path_factory, shared_assets) -> pathlib.Path:
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+@pytest.fixture
+def restore_jax_cache_config():
+    """Restore JAX's process-wide persistent-cache settings after a test that points them at a tmp folder
+    (``jaxrlhf.study.setup_compilation_cache``)."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    saved = {n: getattr(jax.config, n) for n in names}
+    yield
+    for n, v in saved.items():
+        jax.config.update(n, v)
+    cc.reset_cache()

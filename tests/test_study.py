@@ -19,18 +19,8 @@ STEPS = 4  # eval at steps 0, 2, 4; train rows at 1..4
 
 
 @pytest.fixture(autouse=True)
-def _restore_jax_cache_config():
-    """run_study points JAX's persistent cache at a tmp folder: restore the process-wide settings."""
-    import jax
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    saved = {n: getattr(jax.config, n) for n in names}
-    yield
-    for n, v in saved.items():
-        jax.config.update(n, v)
-    cc.reset_cache()
+def _restore_jax_cache(restore_jax_cache_config):
+    """``run_study`` / ``setup_compilation_cache`` point JAX's persistent cache at a tmp folder."""
 
 
 def fake_metric_rows(method: str, hparams: dict, seed: int) -> list[dict]:

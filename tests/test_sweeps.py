@@ -21,17 +21,8 @@ TIMING = ("step_time_s", "tokens_per_s", "time/generate_s", "time/score_s")
 
 
 @pytest.fixture(autouse=True)
-def _restore_jax_cache_config():
-    import jax
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    saved = {n: getattr(jax.config, n) for n in names}
-    yield
-    for n, v in saved.items():
-        jax.config.update(n, v)
-    cc.reset_cache()
+def _restore_jax_cache(restore_jax_cache_config):
+    """``run_study`` / ``setup_compilation_cache`` point JAX's persistent cache at a tmp folder."""
 
 
 def _read(run_dir, name):
