@@ -52,8 +52,9 @@ QUICK = dict(
     dpo_steps=8, dpo_batch=8, dpo_lr=2e-5, rl_steps=8, rl_batch=8, rl_lr=2e-5, rloo_k=2, ppo_epochs=1,
     eval_points=3,
 )
-# The "longer CPU run" (about an hour on 2 cores): the same grid, 3 seeds, 4x the steps and the eval prompts.
-LONG = dict(QUICK, seeds=[0, 1, 2], dpo_steps=32, rl_steps=24, eval_prompts=64, eval_points=5, ppo_epochs=2)
+# The "longer CPU run" (about an hour on 2 cores): the same grid at 3 seeds, 3x (DPO family) and 2x (RL) the
+# steps, 48 held-out prompts, 4 evaluation points.
+LONG = dict(QUICK, seeds=[0, 1, 2], dpo_steps=24, rl_steps=16, eval_prompts=48, eval_points=4)
 FULL = dict(
     seeds=[0, 1, 2], kl_coefs=[0.01, 0.03, 0.1, 0.3], betas=[0.05, 0.1, 1.0, 5.0], ipo_beta=0.1, pl_beta=0.1,
     rloo_kl_coef=0.05, proxy_kl_coef=0.01,
@@ -121,7 +122,8 @@ def run_sft(c: dict, outputs: dict, folder: pathlib.Path) -> dict:
         data=C.DataConfig(source=str(data), format="prompt_completion", batch_size=c["batch"],
                           max_length=c["max_length"], max_prompt_length=c["max_prompt_length"], eval_size=32,
                           use_chat_template=False, seed=c["seed"]),
-        train=C.TrainConfig(steps=c["steps"], save_every=c["steps"], num_samples=2, run_dir=str(folder)),
+        train=C.TrainConfig(keep_checkpoints=1, steps=c["steps"], save_every=c["steps"], num_samples=2,
+                            run_dir=str(folder)),
         algo=C.SFTConfig())
     summary = run_experiment(cfg, resume=True)
     return {"policy": str(folder / "run" / "hf"), "eval_loss_before": (summary["eval_before"] or {}).get("loss"),
@@ -135,7 +137,7 @@ def run_gold(c: dict, outputs: dict, folder: pathlib.Path) -> dict:
         optim=C.OptimConfig(lr=5e-5, warmup_steps=10, schedule="cosine", weight_decay=0.01),
         data=C.DataConfig(source=c["source"], split="train", batch_size=c["batch"], max_length=c["max_length"],
                           max_prompt_length=64, eval_size=c["eval_rows"], seed=0),
-        train=C.TrainConfig(steps=c["steps"], log_every=5, save_every=c["steps"], num_samples=0,
+        train=C.TrainConfig(keep_checkpoints=1, steps=c["steps"], log_every=5, save_every=c["steps"], num_samples=0,
                             run_dir=str(folder)),
         algo=C.RewardConfig(objective="classification", num_labels=2, score_label=1, pooling="mean",
                             normalize_examples=512, eval_source=c["eval_source"], eval_split="test"))
@@ -200,7 +202,7 @@ def run_proxy(c: dict, outputs: dict, folder: pathlib.Path) -> dict:
         data=C.DataConfig(source=outputs["prefs"]["rankings"], batch_size=c["batch"], max_length=c["max_length"],
                           max_prompt_length=c["max_prompt_length"], eval_size=c["eval_rows"],
                           use_chat_template=False, seed=0),
-        train=C.TrainConfig(steps=c["steps"], log_every=5, save_every=c["steps"], num_samples=0,
+        train=C.TrainConfig(keep_checkpoints=1, steps=c["steps"], log_every=5, save_every=c["steps"], num_samples=0,
                             run_dir=str(folder)),
         algo=C.RewardConfig(objective="ranking", pooling="mean", normalize_examples=256))
     summary = run_experiment(cfg, resume=True)
@@ -211,8 +213,8 @@ def run_proxy(c: dict, outputs: dict, folder: pathlib.Path) -> dict:
 def _sampling(model_cfg, tokenizer, max_new_tokens: int):
     from jaxrlhf.sampling import SamplingConfig
 
-    return SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0, eos_token_ids=eos_ids_for(tokenizer, model_cfg),
-                          pad_token_id=pad_id_for(tokenizer))
+    return SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0,
+                          eos_token_ids=eos_ids_for(tokenizer, model_cfg), pad_token_id=pad_id_for(tokenizer))
 
 
 # ------------------------------------------------------------------------------------------- arms
@@ -234,8 +236,8 @@ def _base(z: dict, o: dict, seed: int, *, source: str, steps: int, batch: int, m
         optim=C.OptimConfig(lr=lr, schedule="constant", warmup_steps=0),
         data=C.DataConfig(source=source, batch_size=batch, max_length=max_length,
                           max_prompt_length=z["max_prompt_length"], eval_size=0, use_chat_template=False, seed=seed),
-        train=C.TrainConfig(steps=steps, seed=seed, eval_every=every, save_every=every, num_samples=0,
-                            run_dir=run_dir),
+        train=C.TrainConfig(keep_checkpoints=1, steps=steps, seed=seed, eval_every=every, save_every=every,
+                            num_samples=0, run_dir=run_dir),
         policy_eval=_eval_spec(z, o))
 
 

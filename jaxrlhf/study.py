@@ -20,7 +20,9 @@ Folder layout (``study_dir = <root>/<study name>``)::
                                                "summary" (done: JSON-able parts of run_arm's return),
                                                "error_type", "error", "traceback" (failed)}
     study_dir/arms/<arm>/{config.json, metrics.jsonl, samples.jsonl, tb/, checkpoints/}
-                                              written by the arm's own run (jaxrlhf.loop.RunDir)
+                                              written by the arm's own run (jaxrlhf.loop.RunDir);
+                                              checkpoints/ is removed once the arm is done unless
+                                              Study.keep_checkpoints
     study_dir/stale/<arm or stage>-<old hash[:8]>-<time>/
                                               a folder moved aside before a fresh run (config changed,
                                               or a failed arm left no checkpoint): never deleted
@@ -101,12 +103,19 @@ class Arm:
 
 @dataclasses.dataclass(frozen=True)
 class Study:
-    """Stages (in dependency order) and arms; everything lives in ``<root>/<name>``."""
+    """Stages (in dependency order) and arms; everything lives in ``<root>/<name>``.
+
+    ``keep_checkpoints``: keep a finished arm's ``checkpoints/`` (False: they are removed once the arm is
+    done; they exist to resume an interrupted arm, and a 135M-parameter PPO state with its critic and
+    AdamW moments is ~2 GB per checkpoint, so 20 arms would fill a disk). The arm's metrics, samples,
+    config, TensorBoard logs and status stay.
+    """
 
     name: str
     stages: tuple[Stage, ...]
     arms: tuple[Arm, ...]
     root: str = "runs"
+    keep_checkpoints: bool = False
 
     @property
     def dir(self) -> pathlib.Path:
@@ -472,7 +481,8 @@ def run_study(study: Study, *, run_arm: Callable[[Any, bool], dict], only: Seque
         statuses = {}
         for arm in selected:
             bar.set_postfix_str(f"arm {arm.name}")
-            statuses[arm.name] = _run_one_arm(study_dir, arm, configs[arm.name], arm_actions[arm.name], run_arm)
+            statuses[arm.name] = _run_one_arm(study_dir, arm, configs[arm.name], arm_actions[arm.name], run_arm,
+                                              keep_checkpoints=study.keep_checkpoints)
             if arm_actions[arm.name] != "skip":
                 bar.update(arm.cost)
     finally:
@@ -481,9 +491,10 @@ def run_study(study: Study, *, run_arm: Callable[[Any, bool], dict], only: Seque
 
 
 def _run_one_arm(study_dir: pathlib.Path, arm: Arm, config: tuple | Exception, action: str,
-                 run_arm: Callable[[Any, bool], dict]) -> dict:
+                 run_arm: Callable[[Any, bool], dict], *, keep_checkpoints: bool = False) -> dict:
     """Run (or skip / resume) one arm and write its status.json; ``config`` is ``(cfg, cfg_dict, hash)``
-    or the exception ``make_config`` raised (recorded as the failure)."""
+    or the exception ``make_config`` raised (recorded as the failure). A finished arm's ``checkpoints/``
+    are removed unless ``keep_checkpoints``."""
     arm_dir = study_dir / "arms" / arm.name
     cfg, config_hash = (None, None) if isinstance(config, Exception) else (config[0], config[2])
     status_path = arm_dir / "status.json"
@@ -508,6 +519,9 @@ def _run_one_arm(study_dir: pathlib.Path, arm: Arm, config: tuple | Exception, a
             raise ValueError(f"arm {arm.name} wrote its run to {run_dir}, not {arm_dir}: its make_config must "
                              "set the run folder from outputs['_arm_dir'] (see jaxrlhf.study)")
         status.update(status="done", summary=_jsonable(summary or {}))
+        if not keep_checkpoints and (arm_dir / "checkpoints").exists():
+            shutil.rmtree(arm_dir / "checkpoints")
+            status["checkpoints_removed"] = True
     except Exception as e:  # noqa: BLE001 -- a failed arm is recorded and the study goes on
         status.update(status="failed", error_type=type(e).__name__, error=str(e),
                       traceback=traceback.format_exc())

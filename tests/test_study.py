@@ -7,6 +7,7 @@ the real drivers do, with metrics a deterministic function of (method, hparams, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import pathlib
@@ -156,6 +157,9 @@ def test_finished_arms_skipped_and_study_json(tmp_path):
     assert st["status"] == "done" and st["seed"] == 1 and st["hparams"] == {"lr": 1e-5, "beta": 0.1}
     assert st["summary"]["eval_after"]["step"] == STEPS and "state" not in st["summary"]
     assert st["wall_s"] >= 0 and "compilations" in st["compilations"]
+    # a finished arm's checkpoints are removed (they only serve to resume); metrics and config stay
+    assert st["checkpoints_removed"] is True and not (tmp_path / "fake/arms/dpo-beta0.1-s1/checkpoints").exists()
+    assert (tmp_path / "fake/arms/dpo-beta0.1-s1/metrics.jsonl").exists()
     rec = json.loads((tmp_path / "fake/study.json").read_text())
     assert {"jax", "jaxlib", "flax", "optax", "numpy"} <= set(rec["versions"])
     assert rec["device"]["platform"] == "cpu" and rec["device"]["count"] >= 1
@@ -163,6 +167,12 @@ def test_finished_arms_skipped_and_study_json(tmp_path):
     assert rec["arms"][0]["config"]["run_dir"] == str(tmp_path / "fake/arms" / names[0])
     res = S.run_study(make_fake_study(tmp_path), run_arm=runner, progress=False)
     assert len(runner.calls) == len(names) and set(res.arm_actions.values()) == {"skip"}
+
+
+def test_keep_checkpoints_keeps_them(tmp_path):
+    study = dataclasses.replace(make_fake_study(tmp_path), keep_checkpoints=True)
+    S.run_study(study, run_arm=FakeRunner(), progress=False)
+    assert all((tmp_path / "fake/arms" / a.name / "checkpoints/1").is_dir() for a in study.arms)
 
 
 def test_interrupted_arm_resumes(tmp_path):
@@ -177,6 +187,7 @@ def test_interrupted_arm_resumes(tmp_path):
     assert res.arm_actions["dpo-beta0.1-s0"] == "skip" and res.arm_actions["dpo-beta1-s0"] == "resume"
     assert json.loads((tmp_path / "fake/arms/dpo-beta1-s0/status.json").read_text())["resumed"] is True
     # a checkpoint folder with no status file at all is resumed too
+    (tmp_path / "fake/arms/ppo_proxy-kl_coef0.05-s1/checkpoints/1").mkdir(parents=True)
     (tmp_path / "fake/arms/ppo_proxy-kl_coef0.05-s1/status.json").unlink()
     res = S.run_study(make_fake_study(tmp_path), run_arm=runner, progress=False)
     assert runner.calls[-1] == ("ppo_proxy-kl_coef0.05-s1", True)
