@@ -71,12 +71,19 @@ class RunDir:
         p = self.path / "metrics.jsonl"
         return [json.loads(line) for line in p.read_text().splitlines()] if p.exists() else []
 
-    def truncate_metrics_after(self, step: int) -> None:
-        """On resume from checkpoint ``step``, drop log lines written after it (they will be redone)."""
-        p = self.path / "metrics.jsonl"
-        if p.exists() and jax.process_index() == 0:
-            keep = [line for line in p.read_text().splitlines() if json.loads(line)["step"] <= step]
-            p.write_text("".join(line + "\n" for line in keep))
+    def truncate_after(self, step: int) -> int:
+        """Drop the ``metrics.jsonl`` and ``samples.jsonl`` lines written after ``step`` (they will be redone):
+        on resume from checkpoint ``step``, or with ``step = -1`` when a run starts from scratch in a folder
+        that holds lines of an earlier attempt with no checkpoint. Returns the number of lines dropped."""
+        dropped = 0
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            p = self.path / name
+            if p.exists() and jax.process_index() == 0:
+                lines = p.read_text().splitlines()
+                keep = [line for line in lines if json.loads(line)["step"] <= step]
+                dropped += len(lines) - len(keep)
+                p.write_text("".join(line + "\n" for line in keep))
+        return dropped
 
     def close(self) -> None:
         if self._tb is not None:

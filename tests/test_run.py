@@ -42,6 +42,17 @@ def test_resume_continues_to_the_same_metrics(tiny_llama_folder, shared_assets, 
         assert a == pytest.approx(b, rel=1e-6), (a, b)
     # Loss moved: the run really trained.
     assert straight[-1]["loss"] != straight[0]["loss"]
+    # An attempt that stopped before its first checkpoint left log lines; the resumed run starts from
+    # scratch and its files hold each step once, as the straight run's.
+    run_experiment(tiny_sft_config(tiny_llama_folder, source, tmp_path, "early", stop_after=1))
+    assert [m["step"] for m in train_lines(tmp_path, "early")] == [1]
+    run_experiment(tiny_sft_config(tiny_llama_folder, source, tmp_path, "early"), resume=True)
+    lines = lambda n: [json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert [(m["step"], m["split"]) for m in lines("early")] == [(m["step"], m["split"]) for m in lines("straight")]
+    for a, b in zip(train_lines(tmp_path, "straight"), train_lines(tmp_path, "early")):
+        assert a == pytest.approx(b, rel=1e-6), (a, b)
+    tags = [json.loads(x)["tag"] for x in (tmp_path / "early" / "samples.jsonl").read_text().splitlines()]
+    assert tags == ["before", "before", "after", "after"]
     run = tmp_path / "straight"
     assert json.loads((run / "config.json").read_text())["optim"]["lr"] == 1e-3
     samples = [json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()]

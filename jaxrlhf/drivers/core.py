@@ -112,19 +112,21 @@ def init_or_restore(run: Run, params: Any, tx: Any, resume: bool, extra: Any = N
       FileExistsError: not ``resume`` but the run directory already holds checkpoints.
     """
     state, sharding = init_sharded_state(params, tx, run.mesh, extra)
-    if not resume:
-        if run.checkpointer.latest_step() is not None:
-            raise FileExistsError(
-                f"{run.dir.checkpoints} already holds checkpoints; pass --resume to continue, or choose "
-                "another --config.name (finished checkpoints are never overwritten)")
-        return state, sharding, None
+    if not resume and run.checkpointer.latest_step() is not None:
+        raise FileExistsError(
+            f"{run.dir.checkpoints} already holds checkpoints; pass --resume to continue, or choose "
+            "another --config.name (finished checkpoints are never overwritten)")
     if run.checkpointer.latest_step() is None:
-        log.warning("--resume: no checkpoint in %s, starting from scratch", run.dir.checkpoints)
+        if resume:
+            log.warning("--resume: no checkpoint in %s, starting from scratch", run.dir.checkpoints)
+        if run.dir.truncate_after(-1):  # lines of an earlier attempt that left no checkpoint
+            log.warning("%s: dropped the metrics/samples of an earlier attempt that left no checkpoint",
+                        run.dir.path)
         return state, sharding, None
     abstract = abstract_with_shardings(state, sharding)
     del state
     state, data_position, _ = run.checkpointer.restore(abstract)
-    run.dir.truncate_metrics_after(int(jax.device_get(state.step)))
+    run.dir.truncate_after(int(jax.device_get(state.step)))
     return state, sharding, data_position
 
 
