@@ -15,7 +15,8 @@ several points of its training, so each arm traces a path on the reward-KL front
 4. the gold win rate against π_ref's own completions of the same prompts (ties count 1/2), the mean
    completion length and distinct-1/2 (Li et al. 2016).
 
-Metrics (floats): ``<judge>`` (mean score of each judge), ``kl`` (nats, mean over samples) and
+Metrics (floats): ``<judge>`` (mean score of each judge) and ``<judge>_sem`` (its standard error over the
+prompts: the evaluation's own sampling noise), ``kl`` (nats, mean over samples) and
 ``kl_sem`` (its standard error), ``win_rate`` (+ ``win_rate_sem``) when reference scores are given,
 ``length`` (completion tokens), ``distinct_1``, ``distinct_2``.
 """
@@ -121,6 +122,9 @@ class PolicyEvaluator:
         all_scores = {k: np.concatenate(v)[:n] for k, v in scores.items()}
         kl = sequence_kl(np.concatenate(pol)[:n], np.concatenate(ref)[:n], np.concatenate(masks)[:n])
         metrics = {name: float(v.mean()) for name, v in all_scores.items()}
+        # The evaluation's own sampling noise: the standard error of each judge's mean over the prompts.
+        metrics.update({f"{name}_sem": float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
+                        for name, v in all_scores.items()})
         tokens = tokens[:n]
         metrics.update(kl=float(kl.mean), kl_sem=float(kl.stderr), length=float(np.concatenate(lengths)[:n].mean()),
                        distinct_1=distinct_n(tokens, 1), distinct_2=distinct_n(tokens, 2))

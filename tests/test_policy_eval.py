@@ -71,6 +71,7 @@ def test_metrics_equal_independent_recomputation(setup):
     np.testing.assert_allclose(metrics["kl_sem"], kl.std(ddof=1) / np.sqrt(len(kl)), rtol=1e-3, atol=1e-4)
     gold = word_count(PROMPTS, texts)
     assert metrics["gold"] == pytest.approx(float(np.mean(gold)))
+    assert metrics["gold_sem"] == pytest.approx(float(np.std(gold, ddof=1) / np.sqrt(len(gold))))
     wins = [1.0 if g > r else 0.5 if g == r else 0.0 for g, r in zip(gold, REF_GOLD)]
     assert metrics["win_rate"] == pytest.approx(np.mean(wins))
     assert metrics["distinct_1"] == pytest.approx(distinct_n(token_lists, 1))
