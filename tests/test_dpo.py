@@ -12,7 +12,6 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxrlhf import losses
 from jaxrlhf.algos.dpo import build_kto_batch, dpo_extra, dpo_family_loss, dpo_step, eval_metrics, kto_examples, sequence_logps
 from jaxrlhf.algos.dpo_losses import PREFERENCE_LOSSES
 from jaxrlhf.config import ConfigError, DataConfig, DPOConfig, ExperimentConfig, load_config

@@ -4,7 +4,6 @@ import json
 import types
 
 import numpy as np
-import pytest
 
 from jaxrlhf import config as C
 from jaxrlhf.data.iterator import train_eval_split

@@ -35,7 +35,7 @@ with the example count as normaliser (exact accumulation). Metrics: ``loss``, ``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax

@@ -1,7 +1,8 @@
-"""What PPO, GRPO and RLOO share: sampling, log-probs, score shaping, per-token rewards, the minibatch
-epochs of the update, the iteration that composes them, evaluation and the training driver.
+"""What PPO, GRPO and RLOO share (pure code): sampling settings, log-probs, score shaping, per-token
+rewards, the minibatch epochs of the update and the :class:`RLAlgorithm` record. The host side (the
+iteration that composes them, evaluation, the driver) is :mod:`jaxrlhf.drivers.rl`.
 
-One RL iteration (:func:`rl_iteration`) is::
+One RL iteration (:func:`jaxrlhf.drivers.rl.rl_iteration`) is::
 
     sample  = generate(policy, prompts, key)                 # jit: KV-cache sampler (jaxrlhf.sampling)
     scores  = reward(Completions.from_sample(sample))        # device (jittable) or host (decoded text)
@@ -21,7 +22,6 @@ prompt ``b``.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -37,8 +37,6 @@ from jaxrlhf.ops import entropy_from_logits, kl_k1, masked_mean, masked_var, nex
 from jaxrlhf.sampling import SamplingConfig
 from jaxrlhf.sharding import constrain
 from jaxrlhf.train_state import TrainState, gradient_step
-
-log = logging.getLogger("jaxrlhf")
 
 LM_KEYS = ("tokens", "positions", "segment_ids", "completion_mask")
 
