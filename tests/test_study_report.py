@@ -12,10 +12,15 @@ import statistics
 
 import numpy as np
 import pytest
-from test_study import STEPS, FakeRunner, _restore_jax_cache_config, fake_metric_rows, make_fake_study  # noqa: F401
+from test_study import STEPS, FakeRunner, fake_metric_rows, make_fake_study
 
 from jaxrlhf import study as S
 from jaxrlhf import study_report as R
+
+
+@pytest.fixture(autouse=True)
+def _restore_jax_cache(restore_jax_cache_config):
+    """``run_study`` points JAX's persistent cache at a tmp folder."""
 
 
 @pytest.fixture
