@@ -6,9 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jit_cache import jit_cached
+from test_losses import fd_grad
 
 from jaxrlhf import losses
-from jit_cache import jit_cached
 
 pl_loss = jit_cached(losses.plackett_luce_dpo_loss)
 dpo_loss = jit_cached(losses.dpo_loss)
@@ -39,17 +40,6 @@ def np_pl_loss(policy, ref, ranks, beta):
             nll -= r[k] - (m + math.log(np.sum(np.exp(tail - m))))
         per_prompt.append(nll)
     return float(np.mean(per_prompt)) if per_prompt else 0.0
-
-
-def np_fd_grad(f, x, h=1e-6):
-    x = np.asarray(x, np.float64)
-    g = np.zeros_like(x)
-    for idx in np.ndindex(x.shape):
-        xp, xm = x.copy(), x.copy()
-        xp[idx] += h
-        xm[idx] -= h
-        g[idx] = (f(xp) - f(xm)) / (2 * h)
-    return g
 
 
 def _random_inputs(rng, B, N):
@@ -104,7 +94,7 @@ def test_k4_value_and_gradient_match_numpy(beta):
     loss, _ = pl_loss(policy, ref, ranks, beta=beta)
     np.testing.assert_allclose(float(loss), np_pl_loss(policy, ref, ranks, beta), rtol=1e-5, atol=1e-6)
     g = np.asarray(_jgrad(lambda p: losses.plackett_luce_dpo_loss(p, ref, ranks, beta=beta)[0])(policy))
-    g_ref = np_fd_grad(lambda p: np_pl_loss(p, ref, ranks, beta), policy)
+    g_ref = fd_grad(lambda p: np_pl_loss(p, ref, ranks, beta), policy)
     np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-6)
     # analytic form: dL_b/dr_i = -1 + Σ_{k <= pos(i)} softmax over τ(k..K) at i; each prompt's row sums to 0
     np.testing.assert_allclose(g.sum(axis=1), 0.0, atol=1e-6)
