@@ -340,6 +340,20 @@ def _next_logits(model, out) -> Array:
     return out.logits_BTV[:, -1, :]
 
 
+def decode_params(state, model_cfg):
+    """The parameters the decode loop reads: floating arrays cast ONCE to the compute dtype.
+
+    Decoding is bound by reading the weights (one token per row per step), so with a bf16 compute dtype
+    the loop reads a bf16 copy made here, before the prefill, instead of casting the f32 masters on every
+    step. f32 models are returned unchanged. Training keeps its f32 masters; this copy lives only inside
+    one :func:`sample_tokens` call.
+    """
+    dt = model_cfg.compute_dtype
+    if dt == jnp.float32:
+        return state
+    return jax.tree.map(lambda a: a.astype(dt) if jnp.issubdtype(a.dtype, jnp.floating) else a, state)
+
+
 def sample_tokens(graphdef, state, prompt_tokens_BP: Array, prompt_mask_BP: Array, key: Array, *,
                   cfg: SamplingConfig) -> SampleOutput:
     """Pure sampler: prefill + while-loop decode (jit it with ``static_argnames=("graphdef", "cfg")``).
@@ -347,7 +361,9 @@ def sample_tokens(graphdef, state, prompt_tokens_BP: Array, prompt_mask_BP: Arra
     Args:
       graphdef, state: ``nnx.split(model)`` of a decoder with the call signature
         ``model(tokens_BT, positions_BT, segment_ids_BT, cache) -> DecoderOutput`` and a ``cfg``
-        (``ModelConfig``); the module is rebuilt with ``nnx.merge`` inside the trace.
+        (``ModelConfig``); the module is rebuilt with ``nnx.merge`` inside the trace. With
+        ``cfg.dtype="bfloat16"`` the weights are cast to bf16 once (:func:`decode_params`) and the KV
+        cache is bf16; logits and log-probs stay f32.
       prompt_tokens_BP: int32 ``[B, P]`` left-padded prompts.
       prompt_mask_BP: int ``[B, P]``, 1 on real prompt tokens, 0 on padding (the last column must be 1).
       key: PRNG key; step j uses ``fold_in(key, j)``, so a fixed key reproduces the same samples.
@@ -359,6 +375,7 @@ def sample_tokens(graphdef, state, prompt_tokens_BP: Array, prompt_mask_BP: Arra
     Raises:
       ValueError (at trace time, before compute): see :func:`validate_sampling`.
     """
+    state = decode_params(state, nnx.merge(graphdef, state).cfg)
     model = nnx.merge(graphdef, state)
     mcfg = model.cfg
     validate_sampling(cfg, mcfg, tuple(prompt_tokens_BP.shape), tuple(prompt_mask_BP.shape))

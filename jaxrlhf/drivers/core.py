@@ -60,12 +60,14 @@ class Policy:
 
 
 def load_policy(spec: C.ModelSpec) -> Policy:
-    """Load ``spec.name`` (short name, folder, .gguf or hub id) and apply the compute dtype / remat."""
+    """Load ``spec.name`` (short name, folder, .gguf or hub id) and apply the compute dtype, remat and
+    layer-loop unrolling."""
     from jaxrlhf.models.hub import load_pretrained
 
     pre = load_pretrained(spec.name, allow_pickle=spec.allow_pickle)
     model = pre.model
-    model.cfg = pre.cfg.replace(dtype=spec.dtype, remat=spec.remat)  # static: lives in the graphdef
+    model.cfg = pre.cfg.replace(dtype=spec.dtype, remat=spec.remat,  # static: lives in the graphdef
+                                scan_unroll=spec.scan_unroll)
     graphdef, params = nnx.split(model)
     return Policy(graphdef, params, model.cfg, pre.tokenizer, pre.source)
 

@@ -124,15 +124,15 @@ class ClassifierHead(nnx.Module):
 def _block(cfg: ModelConfig, x_BTD, lp, mask_B1TS):
     """One post-norm block (attention sub-layer then MLP sub-layer, each followed by residual + LayerNorm)."""
     dt = cfg.compute_dtype
-    q = dense(x_BTD, lp["q"].astype(dt)) + lp["q_bias"].astype(dt)
-    k = dense(x_BTD, lp["k"].astype(dt)) + lp["k_bias"].astype(dt)
-    v = dense(x_BTD, lp["v"].astype(dt)) + lp["v_bias"].astype(dt)
+    q = dense(x_BTD, lp["q"]) + lp["q_bias"].astype(dt)
+    k = dense(x_BTD, lp["k"]) + lp["k_bias"].astype(dt)
+    v = dense(x_BTD, lp["v"]) + lp["v_bias"].astype(dt)
     o = attend(q, k, v, mask_B1TS, scale=cfg.head_dim ** -0.5)
-    a = dense(o, lp["o"].astype(dt), in_axes=2) + lp["o_bias"].astype(dt)
+    a = dense(o, lp["o"], in_axes=2) + lp["o_bias"].astype(dt)
     x_BTD = layer_norm(x_BTD + a, lp["attn_norm_scale"], lp["attn_norm_bias"], cfg.norm_eps)
-    h = dense(x_BTD, lp["up"].astype(dt)) + lp["up_bias"].astype(dt)
+    h = dense(x_BTD, lp["up"]) + lp["up_bias"].astype(dt)
     h = activation(cfg.hidden_act)(h)
-    m = dense(h, lp["down"].astype(dt)) + lp["down_bias"].astype(dt)
+    m = dense(h, lp["down"]) + lp["down_bias"].astype(dt)
     x_BTD = layer_norm(x_BTD + m, lp["mlp_norm_scale"], lp["mlp_norm_bias"], cfg.norm_eps)
     return constrain(x_BTD, ("batch", "length", "embed"))
 

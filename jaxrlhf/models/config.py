@@ -65,6 +65,7 @@ class ModelConfig:
       dtype: compute dtype of activations and matmuls (``float32`` or ``bfloat16``); parameters
         are kept in ``param_dtype`` (f32 master weights).
       remat: recompute each block in the backward pass (``none`` or ``block``), trading FLOPs for memory.
+      scan_unroll: blocks per iteration of the layer loop (1 = rolled ``lax.scan``, 0 = fully unrolled).
     """
 
     family: Family = "llama"
@@ -92,6 +93,7 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: Literal["none", "block"] = "none"
+    scan_unroll: int = 1
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -118,6 +120,9 @@ class ModelConfig:
                              "give one name per class or leave labels empty")
         if self.remat not in ("none", "block"):
             raise ValueError(f"model.remat must be 'none' or 'block', got {self.remat!r}")
+        if self.scan_unroll < 0:
+            raise ValueError(f"model.scan_unroll must be >= 0 (1 = a rolled loop over the layers, "
+                             f"0 = fully unrolled), got {self.scan_unroll}")
 
     @property
     def compute_dtype(self):

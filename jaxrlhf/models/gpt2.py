@@ -37,7 +37,7 @@ import numpy as np
 from flax import nnx
 
 from jaxrlhf.models.config import ModelConfig
-from jaxrlhf.models.layers import (DecoderOutput, KVCache, activation, attend, dense, layer_norm, normal_param,
+from jaxrlhf.models.layers import (DecoderOutput, KVCache, activation, lm_logits, attend, dense, layer_norm, normal_param,
                                    ones_param, prepare_inputs, run_blocks, zeros_param)
 from jaxrlhf.models.tensors import CheckpointTensors, require
 from jaxrlhf.sharding import constrain
@@ -73,22 +73,24 @@ class GPT2Layers(nnx.Module):
 
 
 def _block(cfg: ModelConfig, x_BTD, lp, mask_B1TS, kv, cache_index):
-    """One pre-LayerNorm GPT-2 block; ``kv`` is this layer's (k, v) cache or None."""
+    """One pre-LayerNorm GPT-2 block; ``kv`` is this layer's (k, v) cache or None. The residual stream is
+    f32 and the norms' outputs are cast to the compute dtype for the projections (as in ``llama._block``)."""
     dt = cfg.compute_dtype
-    h = layer_norm(x_BTD, lp["attn_norm"], lp["attn_norm_bias"], cfg.norm_eps)
-    q = dense(h, lp["q"].astype(dt)) + lp["q_bias"].astype(dt)
-    k = dense(h, lp["k"].astype(dt)) + lp["k_bias"].astype(dt)
-    v = dense(h, lp["v"].astype(dt)) + lp["v_bias"].astype(dt)
+    f32 = jnp.float32
+    h = layer_norm(x_BTD, lp["attn_norm"], lp["attn_norm_bias"], cfg.norm_eps).astype(dt)
+    q = dense(h, lp["q"]) + lp["q_bias"].astype(dt)
+    k = dense(h, lp["k"]) + lp["k_bias"].astype(dt)
+    v = dense(h, lp["v"]) + lp["v_bias"].astype(dt)
     if kv is not None:
         k_cache, v_cache = kv
         k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
         v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
         kv = (k, v)
     o = attend(q, k.astype(dt), v.astype(dt), mask_B1TS, scale=cfg.head_dim ** -0.5)
-    x_BTD = x_BTD + dense(o, lp["o"].astype(dt), in_axes=2) + lp["o_bias"].astype(dt)
-    h = layer_norm(x_BTD, lp["mlp_norm"], lp["mlp_norm_bias"], cfg.norm_eps)
-    u = activation(cfg.hidden_act)(dense(h, lp["up"].astype(dt)) + lp["up_bias"].astype(dt))
-    x_BTD = x_BTD + dense(u, lp["down"].astype(dt)) + lp["down_bias"].astype(dt)
+    x_BTD = x_BTD + dense(o, lp["o"], in_axes=2, out_dtype=f32) + lp["o_bias"].astype(f32)
+    h = layer_norm(x_BTD, lp["mlp_norm"], lp["mlp_norm_bias"], cfg.norm_eps).astype(dt)
+    u = activation(cfg.hidden_act)(dense(h, lp["up"]) + lp["up_bias"].astype(dt))
+    x_BTD = x_BTD + dense(u, lp["down"], out_dtype=f32) + lp["down_bias"].astype(f32)
     return constrain(x_BTD, ("batch", "length", "embed")), kv
 
 
@@ -128,7 +130,7 @@ class GPT2(nnx.Module):
         cfg = self.cfg
         positions_BT, mask, kv_segments, index = prepare_inputs(tokens_BT, positions_BT, segment_ids_BT, cache)
         x = (jnp.take(self.embed[...], tokens_BT, axis=0) + jnp.take(self.pos_embed[...], positions_BT, axis=0))
-        x = constrain(x.astype(cfg.compute_dtype), ("batch", "length", "embed"))
+        x = constrain(x.astype(jnp.float32), ("batch", "length", "embed"))  # the f32 residual stream
         layer_params = {name: var[...] for name, var in vars(self.layers).items() if isinstance(var, nnx.Param)}
 
         def block_fn(x, lp, kv, mask):
@@ -143,10 +145,14 @@ class GPT2(nnx.Module):
         return DecoderOutput(logits, hidden, new_cache)
 
     def logits(self, hidden_BTD: Array) -> Array:
-        """LM head: ``hidden @ embed^T`` (tied) or ``hidden @ lm_head``, one 2-D matmul (``dense``)."""
-        dt = self.cfg.compute_dtype
-        w = self.embed[...].astype(dt).T if self.cfg.tie_word_embeddings else self.lm_head[...].astype(dt)
-        return constrain(dense(hidden_BTD, w), ("batch", "length", "vocab"))
+        """LM head: ``hidden @ embed^T`` (tied) or ``hidden @ lm_head`` (:func:`~jaxrlhf.models.layers.lm_logits`).
+
+        Returns float32 logits ``[..., V]`` whatever the compute dtype: the product accumulates in f32 and
+        is not rounded to bf16, so log-softmax over the vocabulary sees full precision."""
+        tied = self.cfg.tie_word_embeddings
+        w = self.embed[...] if tied else self.lm_head[...]
+        h = hidden_BTD.astype(self.cfg.compute_dtype)
+        return constrain(lm_logits(h, w, tied=tied), ("batch", "length", "vocab"))
 
 
 # ------------------------------------------------------------------------- Hugging Face conversion

@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from jaxrlhf.models.config import ModelConfig, RopeScaling
+from jaxrlhf.models.mixed_precision import matmul
 
 Array = jax.Array
 
@@ -51,7 +52,7 @@ def zeros_param(shape, axes, cfg: ModelConfig) -> nnx.Param:
 # ----------------------------------------------------------------------------------- array functions
 
 
-def dense(x: Array, w: Array, in_axes: int = 1) -> Array:
+def dense(x: Array, w: Array, in_axes: int = 1, out_dtype=None) -> Array:
     """``x[..., i1..ik] @ w[i1..ik, o1..om] -> [..., o1..om]`` as ONE 2-D matmul on ``[rows, in]``.
 
     ``w``'s first ``in_axes`` axes are contracted with ``x``'s last ``in_axes`` axes; the leading axes of
@@ -59,11 +60,27 @@ def dense(x: Array, w: Array, in_axes: int = 1) -> Array:
     contiguous arrays). XLA:CPU runs this, and above all its weight gradient, as plain GEMMs; the
     equivalent multi-axis einsums (``btd,dhk->bthk`` and their ``btd,bthk->dhk`` gradients) made the
     SmolLM2-135M train step ~25% slower (17.5 s vs 12.9 s fwd+bwd at 8 x 256 on the 2-core CPU).
+
+    ``x``'s dtype is the compute dtype; ``w`` may be the f32 master. With bf16 ``x`` the product follows
+    the mixed-precision policy of :mod:`jaxrlhf.models.mixed_precision` (bf16 operands, f32
+    accumulation, f32 weight gradient). The result is in ``out_dtype`` (default ``x``'s dtype).
     """
     n_in = math.prod(w.shape[:in_axes])
     lead = x.shape[: x.ndim - in_axes]
-    out = x.reshape(-1, n_in) @ w.reshape(n_in, -1)
+    out = matmul(x.reshape(-1, n_in), w.reshape(n_in, -1), out_dtype)
     return out.reshape(*lead, *w.shape[in_axes:])
+
+
+def lm_logits(hidden_BTD: Array, w: Array, *, tied: bool) -> Array:
+    """LM head: float32 logits ``[..., V]`` from ``hidden [..., D]``.
+
+    ``w`` is the ``[V, D]`` input embedding when ``tied`` (multiplied transposed, without a transposed
+    copy), else the ``[D, V]`` output projection. The product accumulates in f32 and is returned in f32
+    whatever the compute dtype, so log-softmax over the vocabulary never sees a bf16-rounded logit.
+    """
+    lead = hidden_BTD.shape[:-1]
+    out = matmul(hidden_BTD.reshape(-1, hidden_BTD.shape[-1]), w, jnp.float32, w_transposed=tied)
+    return out.reshape(*lead, -1)
 
 
 def rms_norm(x_BTD: Array, scale_D: Array, eps: float) -> Array:
@@ -218,7 +235,7 @@ def default_positions(segment_ids_BT: Array) -> Array:
 # ---------------------------------------------------------------------------- decoder calls, depth
 
 class DecoderOutput(NamedTuple):
-    """``logits_BTV`` (compute dtype), ``hidden_BTD`` (after the final norm), updated ``cache`` or None."""
+    """``logits_BTV`` (float32: the LM head keeps its f32 accumulator), ``hidden_BTD`` (after the final norm, f32), updated ``cache`` or None."""
 
     logits_BTV: Array
     hidden_BTD: Array
@@ -255,7 +272,7 @@ def run_blocks(block_fn, cfg: ModelConfig, x_BTD, layer_params: dict, cache: KVC
     With a cache, the full ``[L, ...]`` key/value arrays ride in the scan carry and layer ``l``'s slice
     is updated in place (``dynamic_update_index_in_dim``), rather than being scanned in and stacked out
     again, which copied the whole cache on every decode step. ``remat='block'`` recomputes each block
-    in the backward pass.
+    in the backward pass; ``cfg.scan_unroll`` blocks run per loop iteration (0 = all of them).
     """
     if cache is None:
         def body(x, lp):
@@ -263,7 +280,7 @@ def run_blocks(block_fn, cfg: ModelConfig, x_BTD, layer_params: dict, cache: KVC
 
         if cfg.remat == "block":
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-        x_BTD, _ = jax.lax.scan(body, x_BTD, layer_params)
+        x_BTD, _ = jax.lax.scan(body, x_BTD, layer_params, unroll=min(cfg.scan_unroll or cfg.num_layers, cfg.num_layers))
         return x_BTD, None
 
     def body_cached(carry, xs):
@@ -278,5 +295,6 @@ def run_blocks(block_fn, cfg: ModelConfig, x_BTD, layer_params: dict, cache: KVC
     if cfg.remat == "block":
         body_cached = jax.checkpoint(body_cached, policy=jax.checkpoint_policies.nothing_saveable)
     (x_BTD, k_all, v_all), _ = jax.lax.scan(body_cached, (x_BTD, cache.k_LBSKd, cache.v_LBSKd),
-                                            (layer_params, jnp.arange(cfg.num_layers)))
+                                            (layer_params, jnp.arange(cfg.num_layers)),
+                                            unroll=min(cfg.scan_unroll or cfg.num_layers, cfg.num_layers))
     return x_BTD, (k_all, v_all)

@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from jaxrlhf.models.config import ModelConfig, RopeScaling
-from jaxrlhf.models.layers import (DecoderOutput, KVCache, activation, apply_rope, attend, dense, normal_param,
+from jaxrlhf.models.layers import (DecoderOutput, KVCache, activation, lm_logits, apply_rope, attend, dense, normal_param,
                                    ones_param, prepare_inputs, rms_norm, rope_frequencies, run_blocks, zeros_param)
 from jaxrlhf.models.tensors import CheckpointTensors, require
 from jaxrlhf.sharding import constrain
@@ -60,14 +60,17 @@ class LlamaLayers(nnx.Module):
 def _block(cfg: ModelConfig, rope, x_BTD, lp, mask_B1TS, positions_BT, kv, cache_index):
     """One pre-norm block. ``lp`` holds this layer's arrays; ``kv`` is this layer's (k, v) cache or None.
 
-    Projections go through :func:`~jaxrlhf.models.layers.dense` (2-D GEMMs; see there why).
+    The residual stream ``x_BTD`` is f32; each norm's output is cast to the compute dtype for the
+    projections (:func:`~jaxrlhf.models.layers.dense`, 2-D GEMMs), and the output and down projections
+    return f32 straight into the stream (see :mod:`~jaxrlhf.models.mixed_precision`).
     """
     dt = cfg.compute_dtype
+    f32 = jnp.float32
     inv_freq, attn_factor = rope
-    h = rms_norm(x_BTD, lp["attn_norm"], cfg.norm_eps)
-    q = dense(h, lp["q"].astype(dt))
-    k = dense(h, lp["k"].astype(dt))
-    v = dense(h, lp["v"].astype(dt))
+    h = rms_norm(x_BTD, lp["attn_norm"], cfg.norm_eps).astype(dt)
+    q = dense(h, lp["q"])
+    k = dense(h, lp["k"])
+    v = dense(h, lp["v"])
     if cfg.attention_bias:
         q, k, v = q + lp["q_bias"].astype(dt), k + lp["k_bias"].astype(dt), v + lp["v_bias"].astype(dt)
     q = apply_rope(q, positions_BT, inv_freq, attn_factor)
@@ -78,11 +81,11 @@ def _block(cfg: ModelConfig, rope, x_BTD, lp, mask_B1TS, positions_BT, kv, cache
         v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
         kv = (k, v)
     o = attend(q, k.astype(dt), v.astype(dt), mask_B1TS, scale=cfg.head_dim ** -0.5)
-    x_BTD = x_BTD + dense(o, lp["o"].astype(dt), in_axes=2)
-    h = rms_norm(x_BTD, lp["mlp_norm"], cfg.norm_eps)
-    g = dense(h, lp["gate"].astype(dt))
-    u = dense(h, lp["up"].astype(dt))
-    x_BTD = x_BTD + dense(activation(cfg.hidden_act)(g) * u, lp["down"].astype(dt))
+    x_BTD = x_BTD + dense(o, lp["o"], in_axes=2, out_dtype=f32)
+    h = rms_norm(x_BTD, lp["mlp_norm"], cfg.norm_eps).astype(dt)
+    g = dense(h, lp["gate"])
+    u = dense(h, lp["up"])
+    x_BTD = x_BTD + dense(activation(cfg.hidden_act)(g) * u, lp["down"], out_dtype=f32)
     return constrain(x_BTD, ("batch", "length", "embed")), kv
 
 
@@ -114,7 +117,7 @@ class Llama(nnx.Module):
                  ) -> DecoderOutput:
         cfg = self.cfg
         positions_BT, mask, kv_segments, index = prepare_inputs(tokens_BT, positions_BT, segment_ids_BT, cache)
-        x = jnp.take(self.embed[...], tokens_BT, axis=0).astype(cfg.compute_dtype)
+        x = jnp.take(self.embed[...], tokens_BT, axis=0).astype(jnp.float32)  # the f32 residual stream
         x = constrain(x, ("batch", "length", "embed"))
         rope = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
         layer_params = {name: var[...] for name, var in vars(self.layers).items() if isinstance(var, nnx.Param)}
@@ -131,10 +134,14 @@ class Llama(nnx.Module):
         return DecoderOutput(logits, hidden, new_cache)
 
     def logits(self, hidden_BTD: Array) -> Array:
-        """LM head: ``hidden @ embed^T`` (tied) or ``hidden @ lm_head``, one 2-D matmul (``dense``)."""
-        dt = self.cfg.compute_dtype
-        w = self.embed[...].astype(dt).T if self.cfg.tie_word_embeddings else self.lm_head[...].astype(dt)
-        return constrain(dense(hidden_BTD, w), ("batch", "length", "vocab"))
+        """LM head: ``hidden @ embed^T`` (tied) or ``hidden @ lm_head`` (:func:`~jaxrlhf.models.layers.lm_logits`).
+
+        Returns float32 logits ``[..., V]`` whatever the compute dtype: the product accumulates in f32 and
+        is not rounded to bf16, so log-softmax over the vocabulary sees full precision."""
+        tied = self.cfg.tie_word_embeddings
+        w = self.embed[...] if tied else self.lm_head[...]
+        h = hidden_BTD.astype(self.cfg.compute_dtype)
+        return constrain(lm_logits(h, w, tied=tied), ("batch", "length", "vocab"))
 
 
 # ------------------------------------------------------------------------- Hugging Face conversion
