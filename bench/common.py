@@ -54,6 +54,60 @@ def jax_matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def matmul_peak_gflops(dtype: str = "float32", shape: tuple[int, int, int] = (2048, 576, 1536),
+                       repeats: int = 7) -> float:
+    """Measured XLA matmul rate (GFLOP/s, best of ``repeats``) at one of the model's projection shapes
+    ``[M, K] . [K, N]`` (default: 8 x 256 tokens through SmolLM2-135M's gate projection).
+
+    ``bfloat16``: bf16 operands with f32 accumulation and f32 result, the product the mixed-precision
+    policy runs (``jaxrlhf.models.mixed_precision``); ``float32``: f32 throughout. This is the peak the
+    bf16/f32 steps are compared against ("fraction of peak").
+    """
+    import jax
+    import jax.numpy as jnp
+
+    M, K, N = shape
+    dt = jnp.dtype(dtype)
+    a = jax.random.normal(jax.random.key(0), (M, K), jnp.float32).astype(dt)
+    b = jax.random.normal(jax.random.key(1), (K, N), jnp.float32).astype(dt)
+    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+    f(a, b).block_until_ready()
+    best = min(time_fn(lambda: f(a, b).block_until_ready(), warmup=1, repeats=repeats)["times_s"])
+    return 2 * M * K * N / best / 1e9
+
+
+def torch_autocast(dtype: str):
+    """``torch.autocast("cpu", bfloat16)`` for ``dtype == "bfloat16"`` (PyTorch AMP: f32 weights, bf16
+    matmuls), else a no-op context."""
+    import contextlib
+
+    import torch
+
+    if dtype == "bfloat16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def time_alternating(sides: dict[str, Callable[[], object]], *, warmup: int, repeats: int) -> dict[str, dict]:
+    """Time several implementations of the same step **alternately** in one process.
+
+    Each ``sides[name]()`` runs one step and blocks until it is done. All sides are warmed up first
+    (``warmup`` calls each), then ``repeats`` rounds run one timed call of every side in turn, so drift in
+    the shared machine's load hits all sides alike. Returns ``{name: time_fn-style stats}``.
+    """
+    for fn in sides.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(repeats):
+        for name, fn in sides.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "times_s": t}
+            for name, t in times.items()}
+
+
 # SmolLM2-135M's shapes (layers, width, heads, kv heads, head dim, MLP width, vocabulary), for FLOP counts.
 SMOLLM2_135M = dict(L=30, D=576, H=9, K=3, d=64, F=1536, V=49152)
 
@@ -70,25 +124,134 @@ def step_flops(B: int, T: int, *, L, D, H, K, d, F, V, backward: bool = True, lm
     return mult * (2 * params * B * T + attention)
 
 
-def add_peak_bound(result: dict, flops: float) -> str:
+def generate_flops(B: int, P: int, N: int, *, L, D, H, K, d, F, V) -> float:
+    """Matmul FLOPs of sampling ``N`` new tokens for ``B`` prompts of ``P`` tokens with a KV cache.
+
+    The prefill is a forward over the ``B·P`` prompt tokens without the LM head plus the head on the last
+    position; each of the ``N-1`` decode steps is a forward over one token per row (head included)
+    attending to its ``P + j`` cached positions. Padding counts as work (both samplers compute it).
+    """
+    params = L * (D * H * d + 2 * D * K * d + H * d * D + 3 * D * F) + D * V
+    flops = step_flops(B, P, backward=False, lm_head=False, L=L, D=D, H=H, K=K, d=d, F=F, V=V) + 2 * D * V * B
+    for j in range(1, N):
+        flops += 2 * params * B + L * 4 * B * (P + j) * H * d
+    return flops
+
+
+def add_peak_bound(result: dict, flops: float, dtype: str = "float32") -> str:
     """Store ``result["peak_bound"]`` and return a one-line summary.
 
-    Measures the f32 matmul peak now, and gives the time of ``flops`` at that peak, the fraction of it
-    jaxrlhf reaches, and the largest speed-up over each timed reference (``jax``/``torch``/``trl`` keys of
-    ``result``) that ANY implementation could show on this machine: ``reference_median_s / time_at_peak_s``.
+    Measures :func:`matmul_peak_gflops` for ``dtype`` now (XLA at the model's projection shape), and gives
+    the time of ``flops`` at that peak, each timed side's fraction of it (``jax``/``torch``/``trl`` keys of
+    ``result``: ``flops / median_s / peak``) and the largest speed-up over each side that ANY
+    implementation could show on this machine at this precision: ``median_s / time_at_peak_s``.
     """
-    peak = jax_matmul_peak_gflops()
+    peak = matmul_peak_gflops(dtype)
     at_peak = flops / (peak * 1e9)
     medians = {k: result[k]["median_s"] for k in ("jax", "torch", "trl") if k in result}
-    pb = {"flops_per_step": flops, "matmul_peak_gflops": peak, "time_at_peak_s": at_peak,
-          "jax_fraction_of_peak": at_peak / medians["jax"],
+    pb = {"flops_per_step": flops, "dtype": dtype, "matmul_peak_gflops": peak, "matmul_peak_shape": [2048, 576, 1536],
+          "time_at_peak_s": at_peak, "jax_fraction_of_peak": at_peak / medians["jax"],
+          "fraction_of_peak": {k: at_peak / v for k, v in medians.items()},
           "max_speedup_at_peak": {k: v / at_peak for k, v in medians.items()}}
     result["peak_bound"] = pb
-    line = (f"{flops / 1e12:.2f} TFLOP/step; at the measured f32 matmul peak ({peak:.0f} GFLOP/s) a step takes "
-            f"{at_peak:.1f} s; jaxrlhf runs at {pb['jax_fraction_of_peak']:.0%} of it")
+    line = (f"{flops / 1e12:.3f} TFLOP/step; at the measured {dtype} matmul peak ({peak:.0f} GFLOP/s) a step takes "
+            f"{at_peak:.2f} s; jaxrlhf runs at {pb['jax_fraction_of_peak']:.0%} of it")
     if "trl" in medians:
         line += f"; no implementation can beat TRL by more than {pb['max_speedup_at_peak']['trl']:.2f}x here"
     return line
+
+
+def default_scan_unroll(dtype: str, scan_unroll: int | None) -> int:
+    """``model.scan_unroll`` for a benchmark: as given, else 0 (fully unrolled, the fastest bf16 step on
+    XLA:CPU) for ``bfloat16`` and 1 (rolled ``lax.scan``) for ``float32``."""
+    if scan_unroll is not None:
+        return scan_unroll
+    return 0 if dtype == "bfloat16" else 1
+
+
+def result_name(name: str, dtype: str, quick: bool) -> str:
+    """``<name>[_bf16][_quick]``: f32 keeps the historical file names, bf16 runs get their own."""
+    return name + ("_bf16" if dtype == "bfloat16" else "") + ("_quick" if quick else "")
+
+
+class TrainerStepper:
+    """A ``transformers.Trainer`` (TRL's trainers included) driven one optimizer step per call, so that
+    its own training loop can be interleaved with other implementations by :func:`time_alternating`.
+
+    ``trainer.train()`` runs in a worker thread. A callback parks that thread at the end of every step
+    (``on_step_end``: after forward, backward, clipping, the optimizer and the scheduler step) until the
+    next call. A call releases it for exactly one iteration of the Trainer's loop (the logging/save hook
+    of the previous step, fetching and collating the next batch, the step itself) and returns when that
+    step has ended, so no Trainer work overlaps another side's timed step, and the step runs through the
+    Trainer's own code (accelerate's autocast for ``bf16=True``, its clipping and optimizer). The first
+    call also runs ``train()``'s set-up (dataloader, optimizer, accelerate wrapping): make it a warm-up.
+
+    ``trainer.args.max_steps`` must be at least the number of calls; :meth:`close` stops ``train()`` after
+    the last step taken (``control.should_training_stop``) and joins the thread. ``step_times`` holds each step as a callback sees it (``on_step_begin`` ->
+    ``on_step_end``, i.e. without the batch fetch). An exception in the Trainer is re-raised by the call.
+    """
+
+    def __init__(self, trainer):
+        import threading
+
+        from transformers import TrainerCallback
+
+        self.trainer = trainer
+        self.step_times: list[float] = []
+        self._go, self._done = threading.Semaphore(0), threading.Semaphore(0)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._finished = False
+        self._closing = False
+        outer = self
+
+        class _Gate(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                outer._t0 = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                outer.step_times.append(time.perf_counter() - outer._t0)
+                outer._done.release()
+                outer._go.acquire()  # parked until the next call (or close)
+                if outer._closing:  # close(): end train() now, even before max_steps (e.g. after an error)
+                    control.should_training_stop = True
+                return control
+
+        trainer.add_callback(_Gate())
+
+    def _run(self):
+        try:
+            self.trainer.train()
+        except BaseException as e:  # noqa: BLE001  (re-raised in the calling thread)
+            self._error = e
+        finally:
+            self._finished = True
+            self._done.release()
+
+    def __call__(self) -> None:
+        import threading
+
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="trainer-stepper", daemon=True)
+            self._thread.start()
+        else:
+            self._go.release()
+        self._done.acquire()
+        if self._error is not None:
+            raise RuntimeError(f"{type(self.trainer).__name__} failed") from self._error
+        if self._finished:
+            raise RuntimeError(f"{type(self.trainer).__name__}.train() ended before this step: "
+                               f"max_steps={self.trainer.args.max_steps} is fewer than the calls made")
+
+    def close(self) -> None:
+        """Stop ``train()`` after the last step taken, let it finish and join the worker thread."""
+        if self._thread is None or self._finished:
+            return
+        self._closing = True
+        self._go.release()
+        self._thread.join()
+        if self._error is not None:
+            raise RuntimeError(f"{type(self.trainer).__name__} failed after its last step") from self._error
 
 
 def torch_matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
@@ -140,14 +303,17 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
-def pair_step_benchmark(*, name: str, title: str, meta: dict, run_jax: Callable, run_torch: Callable,
-                        run_trl: Callable, trl_label: str, flops: Callable[[int, int], float]) -> dict:
+def pair_step_benchmark(*, name: str, title: str, meta: dict, make_jax: Callable, make_torch: Callable,
+                        make_trl: Callable, trl_label: str, flops: Callable[[int, int], float]) -> dict:
     """Command-line driver shared by the preference-pair step benchmarks (DPO, reward model).
 
-    Parses ``--batch/--seq-len/--warmup/--repeats/--quick/--skip``, times ``run_jax(B, T, warmup,
-    repeats)``, then ``run_torch`` and ``run_trl`` (the latter returns ``(stats, trl_input_ids_shape)``)
-    unless skipped, adds the matmul-peak bound for ``flops(B, T)``, prints the table and writes
-    ``results/<name>[_quick].json``. Returns the result dict.
+    Parses ``--batch/--seq-len/--warmup/--repeats/--dtype/--scan-unroll/--quick/--skip`` and builds one
+    one-step callable per side: ``make_jax(B, T, dtype, scan_unroll)``, ``make_torch(B, T, dtype)`` and
+    ``make_trl(B, T, dtype, steps)``, the last returning ``(TrainerStepper, trl_input_ids_shape)`` for a
+    trainer with ``max_steps=steps`` (= warm-up + repeats). The sides then run **alternately**
+    (:func:`time_alternating`: every side warmed up, then rounds of one timed step per side). Adds each
+    side's fraction of the measured ``matmul_peak_gflops(dtype)`` for ``flops(B, T)``, prints the table and
+    writes ``results/<name>[_bf16][_quick].json``. Returns the result dict.
     """
     import argparse
 
@@ -156,41 +322,52 @@ def pair_step_benchmark(*, name: str, title: str, meta: dict, run_jax: Callable,
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="compute precision of every side (bf16: jaxrlhf mixed precision, torch.autocast, TRL bf16=True)")
+    ap.add_argument("--scan-unroll", type=int, default=None,
+                    help="jaxrlhf model.scan_unroll (default: 0 = fully unrolled for bf16, 1 = rolled scan for f32)")
     ap.add_argument("--quick", action="store_true", help="2 pairs x 64 tokens")
     ap.add_argument("--skip", default="", help="comma list of: trl,torch")
     args = ap.parse_args()
     if args.quick:
         args.batch, args.seq_len = 2, 64
-    B, T, w, r = args.batch, args.seq_len, args.warmup, args.repeats
+    B, T, w, r, dtype = args.batch, args.seq_len, args.warmup, args.repeats, args.dtype
+    unroll = default_scan_unroll(dtype, args.scan_unroll)
     skip = set(filter(None, args.skip.split(",")))
-    result = {**meta, "pairs_per_step": B, "seq_len": T, "dtype": "float32", "warmup": w, "repeats": r,
-              "machine": machine()}
-    rows = []
+    result = {**meta, "pairs_per_step": B, "seq_len": T, "dtype": dtype, "scan_unroll": unroll, "warmup": w,
+              "repeats": r, "alternating": True, "machine": machine()}
+    labels = {"jax": f"jaxrlhf {name}_step (jit, {dtype})",
+              "torch": "plain PyTorch loop" + (" (autocast bf16)" if dtype == "bfloat16" else " (f32)"),
+              "trl": trl_label + (" (bf16=True)" if dtype == "bfloat16" else " (f32)")}
 
-    def add(label, key, stats):
-        result[key] = stats
-        rows.append({"impl": label, "median_s": stats["median_s"], "min_s": stats["min_s"], "max_s": stats["max_s"],
-                     "pairs_per_s": B / stats["median_s"]})
-        print(f"{label}: median {stats['median_s']:.3f} s/step over {stats['times_s']}", flush=True)
-
-    add(f"jaxrlhf {name}_step (jit)", "jax", run_jax(B, T, w, r))
+    sides = {"jax": make_jax(B, T, dtype, unroll)}
     if "torch" not in skip:
-        add("plain PyTorch loop", "torch", run_torch(B, T, w, r))
+        sides["torch"] = make_torch(B, T, dtype)
+    trl = None
     if "trl" not in skip:
-        stats, shape = run_trl(B, T, w, r)
-        result["trl_input_ids_shape"] = shape
-        add(trl_label, "trl", stats)
-    for row in rows:
-        row["speed_vs_jaxrlhf"] = result["jax"]["median_s"] / row["median_s"]
-    result["jax_speedup"] = {k: result[k]["median_s"] / result["jax"]["median_s"] for k in ("torch", "trl") if k in result}
+        trl, result["trl_input_ids_shape"] = make_trl(B, T, dtype, w + r)
+        sides["trl"] = trl
+    try:
+        stats = time_alternating(sides, warmup=w, repeats=r)
+    finally:
+        if trl is not None:
+            trl.close()
+    if trl is not None:
+        stats["trl"]["callback_step_times_s"] = trl.step_times[w:]
+        stats["trl"]["warmup_callback_step_times_s"] = trl.step_times[:w]
+    result.update(stats)
+    result["jax_speedup"] = {k: stats[k]["median_s"] / stats["jax"]["median_s"] for k in stats if k != "jax"}
     result["loadavg_at_end"] = os.getloadavg()
-    peak_line = add_peak_bound(result, flops(B, T))
-    print(f"\n{title}, SmolLM2-135M f32, {B} pairs x {T} tokens, {os.cpu_count()} CPUs, "
-          f"load average {result['machine'].get('loadavg_at_start')} -> {result['loadavg_at_end']}")
-    print_table(rows, ["impl", "median_s", "min_s", "max_s", "pairs_per_s", "speed_vs_jaxrlhf"])
+    peak_line = add_peak_bound(result, flops(B, T), dtype)
+    rows = [{"impl": labels[k], "median_s": v["median_s"], "min_s": v["min_s"], "max_s": v["max_s"],
+             "pairs_per_s": B / v["median_s"], "frac_of_peak": result["peak_bound"]["fraction_of_peak"][k],
+             "speed_vs_jaxrlhf": stats["jax"]["median_s"] / v["median_s"]} for k, v in stats.items()]
+    print(f"\n{title}, SmolLM2-135M {dtype} (scan_unroll={unroll}), {B} pairs x {T} tokens, {os.cpu_count()} CPUs, "
+          f"alternating {w} warm-up + {r} timed rounds, load average {result['machine'].get('loadavg_at_start')} "
+          f"-> {result['loadavg_at_end']}")
+    print_table(rows, ["impl", "median_s", "min_s", "max_s", "pairs_per_s", "frac_of_peak", "speed_vs_jaxrlhf"])
     for k, v in result["jax_speedup"].items():
         print(f"jaxrlhf speed-up vs {k}: {v:.2f}x (median step time ratio)")
     print(peak_line)
-    print(f"written {write_results(name + ('_quick' if args.quick else ''), result)}")
+    print(f"written {write_results(result_name(name, dtype, args.quick), result)}")
     return result
-
