@@ -6,7 +6,11 @@ The policy (``model.dtype = "bfloat16"``; Micikevicius et al. 2018, "Mixed Preci
 * every projection multiplies **bf16 activations by a bf16 copy of the f32 weight, accumulating in
   f32** (:func:`matmul`); its weight gradient is computed from bf16 operands and returned **in f32**, so
   no gradient is ever rounded to bf16 before it reaches the master weight;
-* activations between layers (the residual stream, MLP hidden states, attention outputs) are bf16;
+* the decoders' residual stream is **f32** (llama, gpt2): each norm's output is cast to bf16 for the
+  projections, and the attention-output and down projections return their f32 accumulator straight into
+  the stream (``out_dtype``), so the sum of 30 layers' updates is not rounded to bf16 after every layer
+  (this halves the bf16 log-prob error on SmolLM2 against a bf16 stream); the projections' inputs and
+  outputs, MLP hidden states and attention outputs are bf16;
 * norms compute their statistics in f32 (``layers.rms_norm``/``layer_norm``), RoPE rotates in f32, the
   attention softmax runs in f32, and the LM head returns **f32 logits** (``out_dtype``), so that
   log-softmax over the vocabulary, log-probs, KL and every loss see the f32 accumulator rather than a
