@@ -171,6 +171,16 @@ def make_trl(B: int, T: int, dtype: str, steps: int):
     return TrainerStepper(trainer), tuple(first["input_ids"].shape)
 
 
+def torch_side(B: int, T: int, dtype: str):
+    """The plain PyTorch side (built in a child process by ``common.RemoteSide``)."""
+    return make_torch(make_batch(B, T, 49152), dtype)
+
+
+def trl_side(B: int, T: int, dtype: str, steps: int):
+    """The TRL side (built in a child process by ``common.RemoteSide``): ``(TrainerStepper, input shape)``."""
+    return make_trl(B, T, dtype, steps)
+
+
 def main():
     def flops(B, T):  # policy forward+backward and reference forward over 2B sequences
         return step_flops(2 * B, T, **SMOLLM2_135M) + step_flops(2 * B, T, backward=False, **SMOLLM2_135M)
@@ -181,8 +191,8 @@ def main():
               "work_per_step": "policy fwd+bwd and reference fwd over 2B sequences of T tokens; AdamW; clip 1.0",
               "trl_timing": "TrainerStepper: one step of DPOTrainer's own train() loop per call, interleaved"},
         make_jax=lambda B, T, dtype, unroll: make_jax(make_batch(B, T, 49152), dtype, unroll),
-        make_torch=lambda B, T, dtype: make_torch(make_batch(B, T, 49152), dtype),
-        make_trl=make_trl)
+        make_torch=torch_side,
+        make_trl=trl_side)
 
 
 if __name__ == "__main__":

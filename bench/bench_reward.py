@@ -136,6 +136,16 @@ def make_trl(batch_np, dtype: str, steps: int):
     return TrainerStepper(trainer), tuple(first["input_ids"].shape)
 
 
+def torch_side(B: int, T: int, dtype: str):
+    """The plain PyTorch side (built in a child process by ``common.RemoteSide``)."""
+    return make_torch(make_batch(B, T, 49152), dtype)
+
+
+def trl_side(B: int, T: int, dtype: str, steps: int):
+    """The TRL side (built in a child process by ``common.RemoteSide``): ``(TrainerStepper, input shape)``."""
+    return make_trl(make_batch(B, T, 49152), dtype, steps)
+
+
 def main():
     pair_step_benchmark(
         name="reward", title="Reward-model step", trl_label="TRL 1.16 RewardTrainer",
@@ -144,8 +154,8 @@ def main():
               "work_per_step": "fwd+bwd over 2B sequences of T tokens, Bradley-Terry loss, AdamW, clip 1.0",
               "trl_timing": "TrainerStepper: one step of RewardTrainer's own train() loop per call, interleaved"},
         make_jax=lambda B, T, dtype, unroll: make_jax(make_batch(B, T, 49152), dtype, unroll),
-        make_torch=lambda B, T, dtype: make_torch(make_batch(B, T, 49152), dtype),
-        make_trl=lambda B, T, dtype, steps: make_trl(make_batch(B, T, 49152), dtype, steps))
+        make_torch=torch_side,
+        make_trl=trl_side)
 
 
 if __name__ == "__main__":

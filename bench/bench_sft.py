@@ -10,7 +10,8 @@ backward, global-norm clipping to 1.0, AdamW, f32 master weights and optimiser s
   against PyTorch AMP (``torch.autocast("cpu", bfloat16)`` around forward + loss, f32 weights).
 
 The sides run alternately (all warmed up, then rounds of one step each), so load drift on the shared
-machine hits both. MFU = model FLOPs / step time / the matmul peak measured in the same run
+machine hits both; the PyTorch side runs in a child process with glibc's default allocator
+(``common.RemoteSide``), jaxrlhf in this one with ``jaxrlhf.host_memory.reuse_host_memory``. MFU = model FLOPs / step time / the matmul peak measured in the same run
 (``common.matmul_peak_gflops(dtype)``: XLA at the model's [2048x576].[576x1536] projection shape).
 
     python bench/bench_sft.py [--dtype bfloat16]          # batch 8 x 256, 2 warm-up + 5 timed rounds
@@ -26,7 +27,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (machine, matmul_peak_gflops, print_table, smollm2_gguf, step_flops,  # noqa: E402
+from common import (RemoteSide, machine, matmul_peak_gflops, print_table, smollm2_gguf, step_flops,  # noqa: E402
                     time_alternating, torch_autocast, write_results)
 
 
@@ -113,8 +114,12 @@ def main():
     jax_one, cfg = setup_jax(B, T, tokens, args.dtype, unroll)
     sides = {"jax": jax_one}
     if not args.skip_torch:
-        sides["torch"] = setup_torch(tokens, args.dtype)
-    stats = time_alternating(sides, warmup=args.warmup, repeats=args.repeats)
+        sides["torch"] = RemoteSide(__file__, "setup_torch", tokens, args.dtype)  # child process, default malloc
+    try:
+        stats = time_alternating(sides, warmup=args.warmup, repeats=args.repeats)
+    finally:
+        if "torch" in sides:
+            sides["torch"].close()
     peak = matmul_peak_gflops(args.dtype)
     flops = train_flops(cfg, B, T)
     labels = {"jax": f"jaxrlhf sft_step (jit, {args.dtype})",

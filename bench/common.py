@@ -14,6 +14,12 @@ import statistics
 import time
 from collections.abc import Callable
 
+from jaxrlhf.host_memory import reuse_host_memory
+
+# Before any benchmark starts JAX's CPU backend: keep XLA's per-step buffers resident
+# (jaxrlhf/host_memory.py); the jaxrlhf command line does the same. Opt out: JAXRLHF_KEEP_MALLOC=1.
+HOST_MEMORY_REUSED = reuse_host_memory()
+
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
@@ -106,6 +112,97 @@ def time_alternating(sides: dict[str, Callable[[], object]], *, warmup: int, rep
             times[name].append(time.perf_counter() - t0)
     return {name: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "times_s": t}
             for name, t in times.items()}
+
+
+class RemoteSide:
+    """One side of an alternating benchmark run **in a child process** with the default allocator.
+
+    jaxrlhf's process tunes glibc malloc for XLA (:func:`jaxrlhf.host_memory.reuse_host_memory`: one arena,
+    no ``mmap``), which slows PyTorch's multi-threaded allocations by up to 25% here. So the PyTorch/TRL
+    sides run in a child process with glibc's defaults (``JAXRLHF_KEEP_MALLOC=1``) -- what a PyTorch user
+    gets -- while the parent still alternates the sides step by step (:func:`time_alternating`).
+
+    ``RemoteSide(script, factory, *args)`` imports ``script`` (a bench file) in the child, calls
+    ``factory(*args)`` (picklable arguments) and keeps the one-step callable it returns; a factory may
+    return ``(callable, info)``, and ``info`` is kept as :attr:`info`. Calling the object runs one step
+    in the child and returns when it is done (a one-byte pipe round trip, ~0.1 ms). If the callable has
+    ``close``/``step_times`` (:class:`TrainerStepper`), :meth:`close` closes it and fetches the times.
+    """
+
+    def __init__(self, script: str, factory: str, *args):
+        import pickle
+        import subprocess
+        import sys
+
+        env = {**os.environ, "JAXRLHF_KEEP_MALLOC": "1"}
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r}); "
+                                   "import common; common._serve_remote_side()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        self._send(pickle.dumps((str(script), factory, args)))
+        self.info = pickle.loads(self._recv())
+        self.step_times: list[float] = []
+
+    def _send(self, payload: bytes) -> None:
+        self._proc.stdin.write(len(payload).to_bytes(8, "little") + payload)
+        self._proc.stdin.flush()
+
+    def _recv(self) -> bytes:
+        n = int.from_bytes(self._proc.stdout.read(8), "little")
+        if n == 0:
+            raise RuntimeError(f"benchmark child process failed (exit code {self._proc.wait()}); see its stderr")
+        return self._proc.stdout.read(n)
+
+    def __call__(self):
+        self._send(b"s")
+        if self._recv() != b"k":
+            raise RuntimeError("benchmark child process returned an unexpected reply")
+
+    def close(self) -> None:
+        import pickle
+
+        self._send(b"q")
+        self.step_times = pickle.loads(self._recv())
+        self._proc.wait(timeout=120)
+
+
+def _serve_remote_side() -> None:
+    """Child end of :class:`RemoteSide` (stdin/stdout carry length-prefixed pickles)."""
+    import importlib.util
+    import pickle
+    import sys
+
+    inp, out = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr                                      # library prints must not corrupt the pipe
+
+    def send(payload: bytes) -> None:
+        out.write(len(payload).to_bytes(8, "little") + payload)
+        out.flush()
+
+    def recv() -> bytes:
+        return inp.read(int.from_bytes(inp.read(8), "little"))
+
+    try:
+        script, factory, args = pickle.loads(recv())
+        spec = importlib.util.spec_from_file_location("remote_bench_side", script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        made = getattr(module, factory)(*args)
+        fn, info = made if isinstance(made, tuple) else (made, None)
+        send(pickle.dumps(info))
+        while recv() != b"q":
+            fn()
+            send(b"k")
+        if hasattr(fn, "close"):
+            fn.close()
+        send(pickle.dumps(list(getattr(fn, "step_times", []))))
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        out.write((0).to_bytes(8, "little"))
+        out.flush()
+        raise
 
 
 # SmolLM2-135M's shapes (layers, width, heads, kv heads, head dim, MLP width, vocabulary), for FLOP counts.
@@ -267,7 +364,15 @@ def machine() -> dict:
 
     info = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
             "python": platform.python_version(), "jax": jax.__version__,
-            "jax_devices": [str(d) for d in jax.devices()]}
+            "jax_devices": [str(d) for d in jax.devices()], "host_memory_reused": HOST_MEMORY_REUSED}
+    try:
+        cpuinfo = pathlib.Path("/proc/cpuinfo").read_text()
+        info["cpu_model"] = next(ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines()
+                                 if ln.startswith("model name"))
+        flags = next(ln for ln in cpuinfo.splitlines() if ln.startswith("flags")).split()
+        info["cpu_matmul_flags"] = sorted(f for f in flags if f.startswith(("amx", "avx512_bf16", "avx512_fp16")))
+    except (OSError, StopIteration):
+        pass
     try:
         import torch
 
@@ -340,18 +445,23 @@ def pair_step_benchmark(*, name: str, title: str, meta: dict, make_jax: Callable
               "torch": "plain PyTorch loop" + (" (autocast bf16)" if dtype == "bfloat16" else " (f32)"),
               "trl": trl_label + (" (bf16=True)" if dtype == "bfloat16" else " (f32)")}
 
+    import sys
+
+    script = sys.modules[make_torch.__module__].__file__       # the bench file: its factories run in children
     sides = {"jax": make_jax(B, T, dtype, unroll)}
     if "torch" not in skip:
-        sides["torch"] = make_torch(B, T, dtype)
+        sides["torch"] = RemoteSide(script, make_torch.__name__, B, T, dtype)
     trl = None
     if "trl" not in skip:
-        trl, result["trl_input_ids_shape"] = make_trl(B, T, dtype, w + r)
+        trl = RemoteSide(script, make_trl.__name__, B, T, dtype, w + r)
+        result["trl_input_ids_shape"] = trl.info
         sides["trl"] = trl
     try:
         stats = time_alternating(sides, warmup=w, repeats=r)
     finally:
-        if trl is not None:
-            trl.close()
+        for side in sides.values():
+            if isinstance(side, RemoteSide):
+                side.close()
     if trl is not None:
         stats["trl"]["callback_step_times_s"] = trl.step_times[w:]
         stats["trl"]["warmup_callback_step_times_s"] = trl.step_times[:w]

@@ -13,6 +13,8 @@ import logging
 import os
 import sys
 
+__all__ = ["main"]
+
 
 def quiet_logs() -> None:
     """INFO-level run logs; third-party libraries only warnings."""
@@ -101,7 +103,15 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``jaxrlhf`` command (see the module docstring); ``argv`` defaults to ``sys.argv[1:]``.
+
+    Returns:
+      The process exit status (0 = success).
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
+    from jaxrlhf.host_memory import reuse_host_memory
+
+    reuse_host_memory()  # before JAX starts its CPU backend: XLA's step buffers stay resident (host_memory.py)
     if argv[:1] == ["study"]:  # its own front end: jaxrlhf.study.study_main
         return _study(argv[1:])
     parser = argparse.ArgumentParser(prog="jaxrlhf", description=__doc__,
