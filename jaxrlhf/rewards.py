@@ -12,7 +12,8 @@ reward                      what it computes                          where it r
 :class:`ClassifierReward`   logit / prob of a label of an HF          host re-tokenisation with the
                             sequence classifier (BERT family)         classifier's tokenizer, then device
 :class:`RewardModelReward`  a trained reward model (decoder/encoder   host re-tokenisation, then device
-                            + head, normalised)                       (or device only: ``on_tokens``)
+                            + head, normalised), or an HF decoder     (or device only: ``on_tokens``)
+                            ``*ForSequenceClassification`` (TRL)
 :class:`WeightedSum`        ``Σ_i w_i · reward_i``                    host if any part is host
 ==========================  ========================================  ==================================
 
@@ -399,9 +400,18 @@ class RewardModelReward:
 
     @classmethod
     def from_folder(cls, path: str, **kw) -> "RewardModelReward":
-        """Load a folder written by ``jaxrlhf.models.reward_model.save_reward_model``."""
-        from jaxrlhf.models.reward_model import load_reward_model
-        model, tok = load_reward_model(path)
+        """Load a reward model folder: one written by ``jaxrlhf.models.reward_model.save_reward_model``
+        (``reward_model.json`` + head), or a Hugging Face decoder ``*ForSequenceClassification`` folder
+        (``LlamaForSequenceClassification`` with ``num_labels=1``, e.g. a TRL reward model or
+        ``export_hf_reward_model``'s output; read by ``load_hf_reward_model``, whose score is the
+        ``transformers`` logit plus ``config.json``'s ``jaxrlhf_reward_offset`` when present). ``kw`` go to
+        the constructor.
+
+        Raises:
+          FileNotFoundError / ValueError: from the loaders (neither kind of folder, unsupported model).
+        """
+        from jaxrlhf.models.reward_model import is_hf_reward_folder, load_hf_reward_model, load_reward_model
+        model, tok = (load_hf_reward_model if is_hf_reward_folder(path) else load_reward_model)(path)
         return cls(model, tok, **kw)
 
     def __call__(self, c: Completions):
@@ -468,6 +478,9 @@ def reward_parts(reward: RewardFn, c: Completions) -> tuple[Any, dict[str, Any]]
 
 def build_reward(spec) -> RewardFn:
     """A reward from a :class:`jaxrlhf.config.RewardSpec` (functions, classifier, reward model, weighted).
+
+    ``spec.reward_model`` is a folder of either kind :meth:`RewardModelReward.from_folder` reads (a jaxrlhf
+    reward model or a Hugging Face decoder ``*ForSequenceClassification``).
 
     Raises:
       ValueError: an unknown function path, classifier label, or a spec with no source.

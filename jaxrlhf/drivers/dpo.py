@@ -7,7 +7,8 @@ reference (losses that use one): the initial policy or ``algo.reference_model``,
 step (``algo.reference = "model"``) or once over the data here (``"precomputed"``:
 :func:`precompute_reference`, the batches then carry ``reference_logps``). Held-out metrics:
 implicit-reward accuracy and margin (:func:`jaxrlhf.algos.dpo.eval_metrics`); samples: greedy
-completions of held-out prompts.
+completions of held-out prompts; export: the policy as a Hugging Face folder ``runs/<name>/hf`` (summary
+``export_dir``).
 
 Config fields read here: ``data.{max_length,padding_side,seed,batch_size}`` (+ those of
 :func:`jaxrlhf.drivers.reward.tokenize_pairs`), ``optim.grad_accum_steps``, ``train.{steps,num_samples,
@@ -38,6 +39,8 @@ from jaxrlhf.drivers import core
 from jaxrlhf.drivers.reward import tokenize_pairs
 from jaxrlhf.sharding import place_batch
 from jaxrlhf.train_state import jit_step, make_optimizer
+
+__all__ = ["train", "precompute_reference"]
 
 log = logging.getLogger("jaxrlhf")
 
@@ -146,9 +149,20 @@ def train(cfg: C.ExperimentConfig, resume: bool = False) -> dict:
         outs, cat = core.map_batches(lambda b: eval_fn(st.params, b), eval_ex, eval_collate, micro, place)
         return core.Evaluation(eval_metrics(a, outs, cat))
 
+    def export(st) -> dict:
+        # The finished policy as a Hugging Face folder (transformers loads it; so does load_pretrained).
+        from jaxrlhf.models.hf import save_hf_folder
+
+        path = run.dir.path / "hf"
+        save_hf_folder(nnx.merge(policy.graphdef, jax.device_get(st.params)), policy.model_cfg, path,
+                       tokenizer=policy.tokenizer)
+        log.info("exported the policy to %s (AutoModelForCausalLM / load_pretrained)", path)
+        return {"export_dir": str(path)}
+
     return core.drive(
         run, state, position, step_fn=step, batches=batches, place=place, meta={"algo": "dpo", "loss": a.loss},
         evaluate=evaluate if eval_ex else None,
         sample=core.greedy_samples(policy, [p[0] for p in eval_pairs[:cfg.train.num_samples]],
                                    cfg.train.sample_max_new_tokens),
-        step_args=step_args, tokens_per_step=d.batch_size * 2 * d.max_length, policy_eval=policy_eval)
+        export=export, step_args=step_args, tokens_per_step=d.batch_size * 2 * d.max_length,
+        policy_eval=policy_eval)

@@ -3,7 +3,10 @@
 Held-out metrics: :func:`jaxrlhf.algos.reward.eval_metrics` (accuracy, margin, loss, ...). On the last
 step, after its eval and *before* its checkpoint, a normalisation pass over ``algo.normalize_examples``
 training examples (a seeded sample) stores ``(mean, std)`` in ``state.extra``, so the final checkpoint
-and the exported folder ``runs/<name>/reward_model`` hold the same statistics.
+and the exported folder ``runs/<name>/reward_model`` hold the same statistics. A scalar decoder reward
+model is also exported as a Hugging Face ``*ForSequenceClassification`` folder ``runs/<name>/hf_reward``
+(:func:`jaxrlhf.models.reward_model.export_hf_reward_model`: ``transformers``/TRL load it; its logit plus
+``config.json``'s ``jaxrlhf_reward_offset`` is the normalised score).
 
 Config fields read here: ``data.{max_length,max_prompt_length,use_chat_template,on_overflow,format,
 padding_side,seed,batch_size}``, ``optim.grad_accum_steps``, ``train.{seed,steps}``, ``algo.{objective,
@@ -27,9 +30,12 @@ from jaxrlhf.data.iterator import BatchIterator
 from jaxrlhf.data.tokenize import (pad_id_for, tokenize_classification_dataset, tokenize_preference_dataset,
                                    tokenize_ranked_dataset)
 from jaxrlhf.drivers import core
-from jaxrlhf.models.reward_model import RewardModel, save_reward_model, split_reward_model, stats_of, with_stats
+from jaxrlhf.models.reward_model import (RewardModel, export_hf_reward_model, save_reward_model, split_reward_model,
+                                         stats_of, with_stats)
 from jaxrlhf.sharding import place_batch
 from jaxrlhf.train_state import jit_step, make_optimizer
+
+__all__ = ["train"]
 
 log = logging.getLogger("jaxrlhf")
 
@@ -74,8 +80,8 @@ def load_reward_data(cfg: C.ExperimentConfig, tokenizer, is_decoder: bool):
 
 def train(cfg: C.ExperimentConfig, resume: bool = False) -> dict:
     """Train a reward model / classifier on ``cfg.data``; writes the run directory and (``algo.export``)
-    the model folder ``runs/<name>/reward_model``; returns the summary (+ ``normalization``, ``stats``,
-    ``export_dir``)."""
+    the model folder ``runs/<name>/reward_model`` (+ ``runs/<name>/hf_reward`` for scalar decoder models);
+    returns the summary (+ ``normalization``, ``stats``, ``export_dir``, ``hf_export_dir``)."""
     a, d = cfg.algo, cfg.data
     run = core.start_run(cfg)
     backbone = core.load_policy(cfg.model)
@@ -119,12 +125,18 @@ def train(cfg: C.ExperimentConfig, resume: bool = False) -> dict:
     def export(st) -> dict:
         norm_file = run.dir.path / "reward_normalization.json"
         out = {"normalization": json.loads(norm_file.read_text()) if norm_file.exists() else {},
-               "stats": stats_of(jax.device_get(st.extra)), "export_dir": None}
+               "stats": stats_of(jax.device_get(st.extra)), "export_dir": None, "hf_export_dir": None}
         if a.export:
             model = nnx.merge(graphdef, jax.device_get(st.params), jax.device_get(st.extra))
             out["export_dir"] = str(save_reward_model(model, run.dir.path / "reward_model", backbone.tokenizer))
             log.info("exported reward model to %s (load with jaxrlhf.models.reward_model.load_reward_model)",
                      out["export_dir"])
+            if model.num_outputs == 1 and model.is_decoder and model.pooling == "last":
+                # The same model as transformers' *ForSequenceClassification (num_labels=1): TRL, AutoModel...
+                path = export_hf_reward_model(model, run.dir.path / "hf_reward", backbone.tokenizer)
+                out["hf_export_dir"] = str(path)
+                log.info("exported a Hugging Face reward model to %s (AutoModelForSequenceClassification; add "
+                         "config.json's jaxrlhf_reward_offset to its logit for this run's normalised score)", path)
         return out
 
     seqs = {"pairwise": 2, "ranking": None, "classification": 1}[a.objective]

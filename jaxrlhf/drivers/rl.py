@@ -13,6 +13,7 @@ record, :data:`ALGORITHMS`); this module jits them once (:func:`make_rl_function
 step number, so a resumed run draws the same keys), rollout samples are written every ``train.log_every``
 steps by the loop's ``after_step`` hook, and the held-out evaluation (:func:`evaluate_policy`: score and
 KL to the reference of completions of fixed prompts, same key every time) runs at step 0 and at the end.
+At the end the policy is exported as a Hugging Face folder ``runs/<name>/hf`` (summary ``export_dir``).
 
 Config fields read here: ``data.{source,split,format,seed,max_prompt_length,use_chat_template,on_overflow,
 batch_size}``, ``optim.grad_accum_steps``, ``train.{seed,steps,log_every,num_samples}``,
@@ -48,6 +49,8 @@ from jaxrlhf.rewards import Completions, build_reward, reward_parts
 from jaxrlhf.sampling import SampleOutput, SamplingConfig, sample_tokens
 from jaxrlhf.sharding import place_batch
 from jaxrlhf.train_state import TrainState, make_optimizer
+
+__all__ = ["ALGORITHMS", "RLFunctions", "make_rl_functions", "rl_iteration", "evaluate_policy", "train"]
 
 log = logging.getLogger("jaxrlhf")
 
@@ -192,7 +195,7 @@ def load_prompts(data: C.DataConfig, tokenizer):
 
 def train(cfg: C.ExperimentConfig, resume: bool = False) -> dict:
     """Run PPO, GRPO or RLOO (by the type of ``cfg.algo``); writes ``runs/<name>/``; returns the summary
-    (+ ``score_first``, ``score_last``, ``kl_last``, ``train_wall_s``)."""
+    (+ ``score_first``, ``score_last``, ``kl_last``, ``train_wall_s``, ``export_dir``)."""
     a, d = cfg.algo, cfg.data
     algo, algo_name = ALGORITHMS[type(a)]
     G = a.rollout.num_completions
@@ -244,10 +247,23 @@ def train(cfg: C.ExperimentConfig, resume: bool = False) -> dict:
         run.dir.write_samples(step, [{"tag": "rollout", "prompt": p[i], "completion": c[i], "score": float(sc[i])}
                                      for i in range(min(cfg.train.num_samples, len(c)))])
 
+    def export(st) -> dict:
+        # The finished policy (not PPO's value head) as a Hugging Face folder (transformers / load_pretrained).
+        from flax import nnx
+
+        from jaxrlhf.models.hf import save_hf_folder
+
+        path = run.dir.path / "hf"
+        save_hf_folder(nnx.merge(policy.graphdef, jax.device_get(st.params["policy"])), policy.model_cfg, path,
+                       tokenizer=tok)
+        log.info("exported the policy to %s (AutoModelForCausalLM / load_pretrained)", path)
+        return {"export_dir": str(path)}
+
     t_start = time.perf_counter()
     summary = core.drive(run, state, position, step_fn=step_fn, batches=batches,
                          place=lambda b: place_batch(repeat_prompts(b, G), run.mesh), meta={"algo": algo_name},
                          evaluate=evaluate if eval_batches else None, after_step=rollout_samples, pass_step=True,
+                         export=export,
                          tokens_per_step=rows * a.rollout.max_new_tokens,
                          policy_eval=core.policy_eval_for(cfg, policy, lambda st: st.params["policy"]))
     train_rows = [m for m in run.dir.read_metrics()

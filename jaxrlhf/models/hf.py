@@ -4,6 +4,9 @@ A folder written by ``transformers``' ``save_pretrained`` (one ``model.safetenso
 ``model.safetensors.index.json``) is loaded into our NNX modules (:func:`load_hf_folder`), and our modules
 are written back in the same layout (:func:`save_hf_folder`) so that ``transformers`` reloads them
 (``AutoModelForCausalLM`` for decoders, ``AutoModel`` / ``*ForSequenceClassification`` for encoders).
+Decoder sequence classifiers (``LlamaForSequenceClassification`` etc.: a backbone plus a bias-free
+``score`` matrix, the layout of TRL reward models) are read and written by
+:func:`load_hf_sequence_classifier` / :func:`save_hf_sequence_classifier`.
 
 The architecture-specific part lives in each family module (``llama.py``, ``gpt2.py``, ``bert.py``), which
 exposes the same converter contract:
@@ -33,7 +36,12 @@ from flax import nnx
 
 from jaxrlhf.models import bert, gpt2, llama
 from jaxrlhf.models.config import ENCODER_FAMILIES, ModelConfig
-from jaxrlhf.models.tensors import read_hf_config, read_hf_tensors, to_numpy_tree, write_safetensors
+from jaxrlhf.models.tensors import (read_hf_config, read_hf_tensors, to_numpy_tree, torch_to_numpy,
+                                   write_safetensors)
+
+__all__ = ["load_hf_folder", "save_hf_folder", "model_class", "model_from_params", "family_module",
+           "save_hf_sequence_classifier", "load_hf_sequence_classifier", "is_decoder_sequence_classifier",
+           "SEQUENCE_CLASSIFIER_ARCHITECTURES"]
 
 PathLike = str | os.PathLike
 
@@ -213,3 +221,143 @@ def _model_type_for(cfg: ModelConfig) -> str:
     if cfg.family == "llama":
         return "qwen2" if cfg.attention_bias else "llama"
     return cfg.family
+
+
+# ------------------------------------------------------------------ decoder sequence classifiers
+#
+# ``transformers``' decoder ``*ForSequenceClassification`` models (``LlamaForSequenceClassification``,
+# ``Qwen2ForSequenceClassification``, ``GPT2ForSequenceClassification``) are the base model (same tensor
+# names as the causal LM, under ``model.`` / ``transformer.``, without ``lm_head``) plus ``score.weight``
+# ``[C, D]`` (a ``Linear`` without bias). They pool the score at the rightmost token of each row that is
+# not ``config.pad_token_id``; TRL loads a reward model as such a model with ``num_labels = 1``.
+
+SEQUENCE_CLASSIFIER_ARCHITECTURES: dict[str, str] = {
+    "llama": "LlamaForSequenceClassification", "qwen2": "Qwen2ForSequenceClassification",
+    "mistral": "MistralForSequenceClassification", "gpt2": "GPT2ForSequenceClassification"}
+_EMBED_KEYS = {"llama": "model.embed_tokens.weight", "qwen2": "model.embed_tokens.weight",
+               "gpt2": "transformer.wte.weight"}
+
+
+def is_decoder_sequence_classifier(hf_config: Mapping[str, Any]) -> bool:
+    """Whether a ``config.json`` dict describes a decoder ``*ForSequenceClassification`` that
+    :func:`load_hf_sequence_classifier` reads (by ``architectures`` and ``model_type``)."""
+    archs = hf_config.get("architectures") or ()
+    return (hf_config.get("model_type") in SEQUENCE_CLASSIFIER_ARCHITECTURES
+            and any(str(a).endswith("ForSequenceClassification") for a in archs))
+
+
+def save_hf_sequence_classifier(model: nnx.Module, cfg: ModelConfig, path: PathLike, score_weight_CD: np.ndarray,
+                                tokenizer: Any = None, *, pad_token_id: int | None, vocab_size: int | None = None,
+                                labels: tuple[str, ...] = (), extra_config: Mapping[str, Any] | None = None,
+                                dtype: str | None = None) -> pathlib.Path:
+    """Write a decoder backbone plus a bias-free score matrix as a ``transformers``
+    ``*ForSequenceClassification`` folder (``LlamaForSequenceClassification``, ``Qwen2...``, ``GPT2...``).
+
+    ``transformers.AutoModelForSequenceClassification.from_pretrained(path)`` reloads it; its logits are
+    ``hidden[b, t*] @ score_weight.T`` with ``t*`` the rightmost token of row ``b`` that is not
+    ``pad_token_id`` (``hidden``: the backbone's final-norm output, as our ``hidden_BTD``).
+
+    Args:
+      model: a decoder module (``Llama``/``GPT2``; its LM head, if untied, is not written).
+      cfg: its configuration.
+      path: the folder (created).
+      score_weight_CD: float ``[C, D]`` (``C`` = ``num_labels``; 1 for a reward model).
+      tokenizer: optional tokenizer, saved next to the weights (it should pad with ``pad_token_id``).
+      pad_token_id: ``config.json`` ``pad_token_id`` (what ``transformers`` pools by); ``None`` only for
+        models scored one unpadded row at a time.
+      vocab_size: a larger vocabulary than ``cfg.vocab_size``: the input embedding gets zero rows appended
+        (for a padding token added to the tokenizer; padding never reaches a real token's state).
+      labels: ``id2label`` names (default ``LABEL_i``).
+      extra_config: more ``config.json`` fields (e.g. jaxrlhf's reward offset).
+      dtype: storage dtype of the tensors (default: the parameters' own).
+    Returns:
+      the folder path.
+    Raises:
+      ValueError: an encoder ``cfg``, a family without a sequence-classification class, ``score_weight``
+        not ``[C, D]``, ``labels`` of the wrong length, ``vocab_size < cfg.vocab_size`` or ``pad_token_id``
+        outside the vocabulary.
+    """
+    if not cfg.is_decoder:
+        raise ValueError(f"save_hf_sequence_classifier writes decoders; model.family={cfg.family!r} is an encoder "
+                         "(save_hf_folder writes encoder classifiers)")
+    model_type = _model_type_for(cfg)
+    if model_type not in _EMBED_KEYS:
+        raise ValueError(f"model_type {model_type!r} has no sequence-classification export; supported: "
+                         f"{sorted(_EMBED_KEYS)}")
+    w = np.asarray(score_weight_CD, np.float32)
+    if w.ndim != 2 or w.shape[1] != cfg.hidden_size:
+        raise ValueError(f"score_weight must be [C, {cfg.hidden_size}], got {w.shape}")
+    C = w.shape[0]
+    if labels and len(labels) != C:
+        raise ValueError(f"labels has {len(labels)} names for {C} outputs")
+    V = int(vocab_size or cfg.vocab_size)
+    if V < cfg.vocab_size:
+        raise ValueError(f"vocab_size={V} is smaller than the model's {cfg.vocab_size}")
+    if pad_token_id is not None and not 0 <= int(pad_token_id) < V:
+        raise ValueError(f"pad_token_id={pad_token_id} is outside the vocabulary [0, {V})")
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    fam = family_module(model_type)
+    params = to_numpy_tree(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    tensors = fam.params_to_hf(params, cfg)
+    tensors.pop("lm_head.weight", None)  # a sequence classifier has no LM head
+    embed_key = _EMBED_KEYS[model_type]
+    if V > cfg.vocab_size:
+        e = np.asarray(tensors[embed_key])
+        tensors[embed_key] = np.concatenate([e, np.zeros((V - e.shape[0], e.shape[1]), e.dtype)])
+    store = np.dtype(dtype) if dtype is not None else np.asarray(tensors[embed_key]).dtype
+    tensors["score.weight"] = w
+    tensors = {k: np.ascontiguousarray(np.asarray(v).astype(store)) for k, v in tensors.items()}
+    write_safetensors(tensors, path / "model.safetensors", {"format": "pt"})
+    hf_config = fam.hf_config_from(cfg.replace(pad_token_id=None if pad_token_id is None else int(pad_token_id)))
+    names = list(labels) or [f"LABEL_{i}" for i in range(C)]
+    hf_config.update(architectures=[SEQUENCE_CLASSIFIER_ARCHITECTURES[model_type]], vocab_size=V,
+                     id2label={str(i): n for i, n in enumerate(names)}, label2id={n: i for i, n in enumerate(names)},
+                     use_cache=False, dtype=str(store), torch_dtype=str(store))
+    hf_config.update(dict(extra_config or {}))
+    (path / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(path))
+    return path
+
+
+def load_hf_sequence_classifier(path: PathLike, *, dtype: str = "float32", allow_pickle: bool = False,
+                                param_dtype: str = "float32") -> tuple[nnx.Module, ModelConfig, np.ndarray, dict]:
+    """Read a decoder ``*ForSequenceClassification`` folder (e.g. ``LlamaForSequenceClassification`` saved by
+    ``transformers``, a TRL reward model, or :func:`save_hf_sequence_classifier`'s output).
+
+    The backbone goes through the family converter (``model.`` / ``transformer.`` prefix stripped); without
+    an ``lm_head.weight`` the backbone is built with a tied LM head (its language-model logits are unused
+    by a classifier); ``score.weight`` ``[C, D]`` is returned separately.
+
+    Args:
+      path: the folder.
+      dtype / param_dtype / allow_pickle: as :func:`load_hf_folder`.
+    Returns:
+      ``(backbone, cfg, score_weight_CD float32 [C, D], hf_config dict)``; pooling follows
+      ``hf_config["pad_token_id"]`` (see the section comment).
+    Raises:
+      FileNotFoundError: no config.json or no weights.
+      ValueError: not a decoder sequence classifier, a score with a bias (not produced by ``transformers``),
+        a wrongly shaped, missing or unexpected tensor.
+    """
+    hf_config = read_hf_config(path)
+    if not is_decoder_sequence_classifier(hf_config):
+        raise ValueError(f"{path}/config.json is not a decoder *ForSequenceClassification (architectures="
+                         f"{hf_config.get('architectures')}, model_type={hf_config.get('model_type')!r}); "
+                         f"supported model types: {sorted(SEQUENCE_CLASSIFIER_ARCHITECTURES)}")
+    fam = family_module(hf_config["model_type"])
+    cfg = fam.config_from_hf(hf_config).replace(dtype=dtype, param_dtype=param_dtype)
+    tensors = dict(read_hf_tensors(path, allow_pickle=allow_pickle))
+    if "score.bias" in tensors:
+        raise ValueError(f"{path}: score.bias is not part of a transformers decoder sequence classifier")
+    if "score.weight" not in tensors:
+        raise ValueError(f"{path} has no score.weight tensor; is it a *ForSequenceClassification checkpoint?")
+    w = tensors.pop("score.weight")
+    w = np.asarray(w if isinstance(w, np.ndarray) else torch_to_numpy(w), np.float32)
+    if w.ndim != 2 or w.shape[1] != cfg.hidden_size:
+        raise ValueError(f"{path}: score.weight has shape {w.shape}, expected [num_labels, {cfg.hidden_size}]")
+    if not cfg.tie_word_embeddings and "lm_head.weight" not in tensors:
+        cfg = cfg.replace(tie_word_embeddings=True)
+    params = fam.params_from_hf(tensors, cfg)
+    return model_from_params(cfg, params), cfg, w, hf_config
