@@ -33,16 +33,27 @@ from jaxrlhf.losses import ppo_policy_loss
 from jaxrlhf.ops import grpo_advantages, kl_k3, kl_penalty, masked_aggregate, masked_whiten, rloo_advantages
 from jaxrlhf.train_state import TrainState
 
-__all__ = ["PolicyGraphs", "policy_init_params", "grpo_experience", "rloo_experience", "critic_free_loss",
+__all__ = ["PolicyGraphs", "policy_init_params", "critic_free_experience", "grpo_experience", "rloo_experience", "critic_free_loss",
            "grpo_update", "rloo_update", "GRPO", "RLOO"]
 
 
 class PolicyGraphs(NamedTuple):
+    """Static graph definitions of GRPO / RLOO: only the policy decoder's ``nnx.GraphDef``."""
+
     policy: nnx.GraphDef
 
 
 def policy_init_params(policy_params, graphdef, model_cfg, cfg, key):
-    """``({"policy": params}, PolicyGraphs)``: nothing but the policy is trained."""
+    """GRPO's and RLOO's trainable parameters: nothing but the policy is trained.
+
+    Args:
+      policy_params: the policy decoder's ``nnx.State``.
+      graphdef: its ``nnx.GraphDef``.
+      model_cfg, cfg, key: unused (the :class:`~jaxrlhf.algos.rollout.RLAlgorithm` signature).
+
+    Returns:
+      ``({"policy": policy_params}, PolicyGraphs(graphdef))``.
+    """
     del model_cfg, cfg, key
     return {"policy": policy_params}, PolicyGraphs(graphdef)
 
@@ -61,8 +72,28 @@ def _rloo_sequence_advantages(shaped_B, logps, ref_logps, mask, coef, cfg: RLOOC
     return rloo_advantages(seq_reward.reshape(-1, cfg.rollout.num_completions)).reshape(-1), non_score
 
 
-def _experience(state: TrainState, ref_params, lm: dict, truncated_B, scores_B, *, graphs: PolicyGraphs, cfg,
-                sequence_advantages):
+def critic_free_experience(state: TrainState, ref_params, lm: dict, truncated_B, scores_B, *,
+                           graphs: PolicyGraphs, cfg, sequence_advantages):
+    """Rollout statistics of a critic-free method with a pluggable advantage estimator (pure; jit it).
+
+    :func:`grpo_experience` and :func:`rloo_experience` are this function with the GRPO and RLOO
+    estimators; pass your own to try another baseline without touching the library.
+
+    Args:
+      state, ref_params, lm, truncated_B, scores_B, graphs: as :func:`grpo_experience`.
+      cfg: a :class:`~jaxrlhf.config.GRPOConfig` or :class:`~jaxrlhf.config.RLOOConfig` (static).
+      sequence_advantages: ``f(shaped_B, logps_BS, ref_logps_BS, mask_BS, kl_coef, cfg) -> (adv_B,
+        non_score_BS)``: ``shaped_B`` float32 ``[B]`` are the shaped scores, rows prompt-major (``B`` =
+        prompts × G, reshape to ``[-1, cfg.rollout.num_completions]`` for the groups); ``logps_BS`` /
+        ``ref_logps_BS`` the policy / reference token log-probs at the rollout temperature; ``kl_coef`` a
+        float32 scalar; it returns one advantage per row ``[B]`` (spread over the row's completion
+        tokens) and the per-token non-score reward ``[B, S]`` that it folded in (zeros if none; only
+        reported in the metrics).
+
+    Returns:
+      ``(exp, metrics)`` as :func:`grpo_experience` (advantages whitened when
+      ``cfg.update.whiten_advantages``).
+    """
     T = cfg.rollout.temperature
     G = cfg.rollout.num_completions
     mask = lm["completion_mask"]
@@ -84,16 +115,33 @@ def _experience(state: TrainState, ref_params, lm: dict, truncated_B, scores_B, 
 def grpo_experience(state, ref_params, lm, truncated_B, scores_B, *, graphs, cfg: GRPOConfig):
     """GRPO rollout statistics (pure; jit it): policy/reference log-probs and group-normalised advantages.
 
-    Returns ``(exp, metrics)`` with the LM keys and float32 ``[B, S]`` ``old_logps``, ``ref_logps``,
-    ``advantages`` (the row's ``A_i`` on its completion tokens), ``scores`` ``[B]``.
+    Args:
+      state: :class:`TrainState` (``params["policy"]``, ``extra["kl"].coef``).
+      ref_params: frozen reference policy params.
+      lm: LM batch ``[B, S]`` of prompt + completion, rows prompt-major (``B`` = prompts × G).
+      truncated_B: bool ``[B]``, completions without EOS.
+      scores_B: float32 ``[B]`` raw scores of the reward.
+      graphs: :class:`PolicyGraphs` (static).
+      cfg: :class:`~jaxrlhf.config.GRPOConfig`.
+
+    Returns:
+      ``(exp, metrics)``: ``exp`` holds the LM keys and float32 ``[B, S]`` ``old_logps``, ``ref_logps``,
+      ``advantages`` (the row's ``A_i`` on its completion tokens), ``scores`` ``[B]`` (shaped).
     """
-    return _experience(state, ref_params, lm, truncated_B, scores_B, graphs=graphs, cfg=cfg,
+    return critic_free_experience(state, ref_params, lm, truncated_B, scores_B, graphs=graphs, cfg=cfg,
                        sequence_advantages=_grpo_sequence_advantages)
 
 
 def rloo_experience(state, ref_params, lm, truncated_B, scores_B, *, graphs, cfg: RLOOConfig):
-    """RLOO rollout statistics (pure; jit it): KL-penalised sequence rewards and leave-one-out advantages."""
-    return _experience(state, ref_params, lm, truncated_B, scores_B, graphs=graphs, cfg=cfg,
+    """RLOO rollout statistics (pure; jit it): KL-penalised sequence rewards and leave-one-out advantages.
+
+    Args: as :func:`grpo_experience`, with ``cfg`` a :class:`~jaxrlhf.config.RLOOConfig`.
+
+    Returns:
+      ``(exp, metrics)``: the LM keys and float32 ``[B, S]`` ``old_logps``, ``ref_logps``, ``advantages``,
+      ``scores`` ``[B]`` (shaped).
+    """
+    return critic_free_experience(state, ref_params, lm, truncated_B, scores_B, graphs=graphs, cfg=cfg,
                        sequence_advantages=_rloo_sequence_advantages)
 
 
@@ -137,7 +185,21 @@ def _update(state, exp, key, *, graphs, tx, cfg, grad_accum_steps, kl_coef, kl_c
 
 def grpo_update(state: TrainState, exp: dict, key, *, graphs, tx: optax.GradientTransformation, cfg: GRPOConfig,
                 grad_accum_steps: int = 1):
-    """GRPO update (pure; jit it, donate the state): KL as a loss term with β = ``extra["kl"].coef``."""
+    """GRPO update (pure; jit it, donate the state): KL as a loss term with β = ``extra["kl"].coef``.
+
+    Args:
+      state: :class:`TrainState` with ``{"policy"}`` params and ``extra = init_extra(cfg.beta)``.
+      exp: the rollout of :func:`grpo_experience` (``[B, S]``; ``B`` divisible by
+        ``num_minibatches * grad_accum_steps``).
+      key: PRNG key of the minibatch permutations.
+      graphs: :class:`PolicyGraphs` (static).
+      tx: the optimizer.
+      cfg: :class:`~jaxrlhf.config.GRPOConfig`.
+      grad_accum_steps: micro-batches per minibatch.
+
+    Returns:
+      ``(state, metrics)``: ``state.step`` advanced by one; float32 scalar metrics averaged over minibatches.
+    """
     return _update(state, exp, key, graphs=graphs, tx=tx, cfg=cfg, grad_accum_steps=grad_accum_steps,
                    kl_coef=state.extra["kl"].coef, kl_cfg=None)
 
@@ -145,7 +207,14 @@ def grpo_update(state: TrainState, exp: dict, key, *, graphs, tx: optax.Gradient
 def rloo_update(state: TrainState, exp: dict, key, *, graphs, tx: optax.GradientTransformation, cfg: RLOOConfig,
                 grad_accum_steps: int = 1):
     """RLOO update (pure; jit it, donate the state): no KL loss term (it is in the reward); then the KL
-    controller."""
+    controller.
+
+    Args: as :func:`grpo_update`, with ``exp`` from :func:`rloo_experience` and ``cfg`` a
+    :class:`~jaxrlhf.config.RLOOConfig`.
+
+    Returns:
+      ``(state, metrics)``: ``state.step`` advanced by one, ``extra["kl"]`` updated; float32 scalar metrics.
+    """
     return _update(state, exp, key, graphs=graphs, tx=tx, cfg=cfg, grad_accum_steps=grad_accum_steps,
                    kl_coef=None, kl_cfg=cfg.kl)
 
