@@ -15,6 +15,8 @@ import orbax.checkpoint as ocp
 
 import jaxrlhf
 
+__all__ = ["Checkpointer", "abstract_with_shardings"]
+
 FORMAT_VERSION = 1
 
 
@@ -35,6 +37,7 @@ class Checkpointer:
                                              item_names=("state", "data", "meta"))
 
     def latest_step(self) -> int | None:
+        """The newest committed checkpoint step, or None when there is none."""
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, data_position: dict, meta: dict) -> None:
@@ -70,6 +73,7 @@ class Checkpointer:
         return out["state"], out["data"], meta
 
     def close(self) -> None:
+        """Release the checkpoint manager's resources (every save has already finished)."""
         self.manager.close()
 
 

@@ -27,6 +27,13 @@ from typing import Any, Literal, Union
 from jaxrlhf.algos.dpo_losses import PREFERENCE_LOSSES
 from jaxrlhf.sharding import MeshConfig
 
+__all__ = [
+    "ConfigError", "ModelSpec", "OptimConfig", "DataConfig", "TrainConfig", "SFTConfig", "RewardConfig",
+    "DPOConfig", "RewardSpec", "RolloutConfig", "KLConfig", "UpdateConfig", "PPOConfig", "GRPOConfig",
+    "RLOOConfig", "PolicyEvalSpec", "AlgoConfig", "ALGO_CONFIGS", "ExperimentConfig", "apply_override",
+    "parse_overrides", "load_experiment_module", "load_config", "validate", "to_dict",
+]
+
 
 class ConfigError(ValueError):
     """A malformed configuration or override; the message names the field and the fix."""

@@ -26,6 +26,8 @@ import numpy as np
 
 from jaxrlhf.checkpoint import Checkpointer
 
+__all__ = ["RunDir", "Hooks", "train_loop"]
+
 
 class RunDir:
     """Files of one run. Appends to ``metrics.jsonl`` / ``samples.jsonl``; resumes keep appending."""

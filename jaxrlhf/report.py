@@ -13,6 +13,8 @@ import pathlib
 from collections.abc import Sequence
 from typing import Any
 
+__all__ = ["load_run", "run_labels", "summarize", "write_report"]
+
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out = {}

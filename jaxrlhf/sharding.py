@@ -27,6 +27,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+__all__ = [
+    "MESH_AXES", "LOGICAL_RULES", "ACTIVATION_RULES", "MeshConfig", "make_mesh", "logical_to_spec",
+    "state_shardings", "batch_sharding", "place_batch", "check_batch_divisible", "replicated", "constrain",
+]
+
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
 
 # logical axis -> physical mesh axis (or tuple of axes, or None = replicated).
@@ -222,6 +227,7 @@ def check_batch_divisible(batch_size: int, mesh: Mesh, field: str = "data.batch_
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+    """A sharding that keeps a full copy of the array on every device of ``mesh`` (``PartitionSpec()``)."""
     return NamedSharding(mesh, PartitionSpec())
 
 

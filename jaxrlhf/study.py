@@ -58,6 +58,11 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
+__all__ = [
+    "Stage", "Arm", "Study", "StudyResult", "expand_grid", "arm_run_dir", "run_study", "study_main",
+    "CompilationCounter", "setup_compilation_cache", "environment_record",
+]
+
 log = logging.getLogger("jaxrlhf")
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch: every XLA compile

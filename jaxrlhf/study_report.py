@@ -27,6 +27,11 @@ from typing import Any
 
 import numpy as np
 
+__all__ = [
+    "DEFAULT_METRICS", "default_is_hacking", "load_arm_records", "summary_table", "frontier_series",
+    "curve_series", "hacking_series", "sample_rows", "write_study_report",
+]
+
 DEFAULT_METRICS = ("gold", "proxy", "vader", "kl", "win_rate", "length", "distinct_1", "distinct_2")
 
 

@@ -28,6 +28,11 @@ from jax.sharding import Mesh
 from jaxrlhf import sharding as shd
 from jaxrlhf.config import OptimConfig
 
+__all__ = [
+    "TrainState", "LossFn", "learning_rate_schedule", "make_optimizer", "create_train_state", "gradient_step",
+    "jit_step", "init_sharded_state",
+]
+
 LossFn = Callable[[Any, dict], tuple[jax.Array, tuple[jax.Array, dict]]]
 
 
@@ -61,7 +66,19 @@ def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """AdamW with global-norm clipping; weight decay on matrices only (ndim >= 2)."""
+    """AdamW with global-norm clipping; weight decay on matrices only (ndim >= 2).
+
+    Args:
+      cfg: :class:`~jaxrlhf.config.OptimConfig` (``lr``, ``b1``, ``b2``, ``eps``, ``weight_decay``,
+        ``max_grad_norm`` (0 = no clipping), ``warmup_steps``, ``schedule``, ``min_lr_ratio``).
+      total_steps: optimizer steps of the run (the length of the decay).
+
+    Returns:
+      The ``optax.GradientTransformation``.
+
+    Raises:
+      ValueError: ``cfg.schedule`` is not cosine, linear or constant.
+    """
     schedule = learning_rate_schedule(cfg, total_steps)
     decay_mask = lambda params: jax.tree.map(lambda x: jnp.ndim(x) >= 2, params)  # noqa: E731
     parts = []
@@ -73,6 +90,8 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
 
 
 def create_train_state(params: Any, tx: optax.GradientTransformation, extra: Any = None) -> TrainState:
+    """An unsharded :class:`TrainState` at step 0: ``opt_state = tx.init(params)``; see :func:`init_sharded_state`
+    for the sharded one."""
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), extra=extra)
 
 
@@ -113,7 +132,19 @@ def accumulate_gradients(loss_fn: LossFn, params: Any, batch: dict, num_micro: i
 
 def gradient_step(state: TrainState, batch: dict, *, loss_fn: LossFn, tx: optax.GradientTransformation,
                   grad_accum_steps: int = 1) -> tuple[TrainState, dict]:
-    """One optimizer step: accumulate exact gradients, clip, AdamW, return new state and metrics."""
+    """One optimizer step: accumulate exact gradients, clip, AdamW, return new state and metrics.
+
+    Args:
+      state: the :class:`TrainState`.
+      batch: dict of arrays with the batch on the leading axis (``B`` divisible by ``grad_accum_steps``).
+      loss_fn: ``(params, micro_batch) -> (loss_sum, (normaliser, metrics))`` (see the module docstring).
+      tx: the optimizer.
+      grad_accum_steps: micro-batches; the gradient is that of ``Σ loss_sum / Σ normaliser``.
+
+    Returns:
+      ``(state, metrics)``: ``step`` + 1; the loss's metrics averaged over micro-batches plus float32
+      scalars ``loss`` and ``grad_norm`` (global norm before clipping).
+    """
     loss, grads, metrics = accumulate_gradients(loss_fn, state.params, batch, grad_accum_steps)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -129,6 +160,17 @@ def jit_step(step_fn: Callable, mesh: Mesh, state_sharding: TrainState, *, donat
     leading axis; any further positional arguments (e.g. frozen reference params) are passed as they are
     (already placed by the caller). The mesh is entered with ``jax.set_mesh`` around tracing and calls so
     activation constraints inside the models apply.
+
+    Args:
+      step_fn: a pure step such as :func:`jaxrlhf.algos.sft.sft_step`.
+      mesh: the device mesh (:func:`jaxrlhf.sharding.make_mesh`).
+      state_sharding: the state's shardings (second result of :func:`init_sharded_state`).
+      donate: donate the input state's buffers.
+      static_kwargs: keyword arguments bound before jitting (``graphdef``, ``tx``, ``cfg``, ...).
+
+    Returns:
+      ``call(state, batch, *rest) -> (state, metrics)`` (metrics replicated); ``call.jitted`` is the
+      ``jax.jit`` object (for ``.lower``).
     """
     fn = functools.partial(step_fn, **(static_kwargs or {}))
     jitted = jax.jit(fn, out_shardings=(state_sharding, shd.replicated(mesh)),
@@ -146,8 +188,17 @@ def init_sharded_state(params: Any, tx: optax.GradientTransformation, mesh: Mesh
                        ) -> tuple[TrainState, TrainState]:
     """Place ``params`` by the rules table and build the optimizer state directly sharded.
 
-    Returns ``(state, state_sharding)``. Optimizer init runs under ``jit`` with ``out_shardings`` so
-    moments are created where they live (no host round trip, no full replica on one device).
+    Optimizer init runs under ``jit`` with ``out_shardings`` so moments are created where they live (no
+    host round trip, no full replica on one device).
+
+    Args:
+      params: the trainable pytree (e.g. ``nnx.split(model)[1]``), annotated with logical axes.
+      tx: the optimizer (:func:`make_optimizer`).
+      mesh: the device mesh.
+      extra: non-trained carried state (e.g. :func:`jaxrlhf.algos.dpo.dpo_extra`), or None.
+
+    Returns:
+      ``(state, state_sharding)``: the :class:`TrainState` at step 0 and its shardings (for :func:`jit_step`).
     """
     abstract = jax.eval_shape(lambda p, e: create_train_state(p, tx, e), params, extra)
     sharding = shd.state_shardings(abstract, mesh)

@@ -49,6 +49,11 @@ from jaxrlhf.config import DPOConfig
 from jaxrlhf.ops import next_token_logprobs, sequence_logprobs
 from jaxrlhf.train_state import TrainState, gradient_step
 
+__all__ = [
+    "sequence_logps", "dpo_extra", "dpo_family_loss", "dpo_step", "eval_logps", "eval_metrics", "KTOTokens",
+    "kto_examples", "build_kto_batch",
+]
+
 
 def sequence_logps(graphdef: nnx.GraphDef, params: Any, batch: dict) -> SeqLogps:
     """Completion log-likelihoods of every sequence of ``batch`` (LM keys ``[..., T]``) under the model.
@@ -85,7 +90,14 @@ def reference_sums(graphdef: nnx.GraphDef, ref_params: Any | None, batch: dict) 
 
 
 def dpo_extra(cfg: DPOConfig) -> dict:
-    """``TrainState.extra`` of the DPO family: ``{"beta": float32 scalar}`` (the traced β of the step)."""
+    """``TrainState.extra`` of the DPO family.
+
+    Args:
+      cfg: :class:`~jaxrlhf.config.DPOConfig` (reads ``beta``).
+
+    Returns:
+      ``{"beta": float32 scalar}``: the β that :func:`dpo_step` reads as a traced input.
+    """
     return {"beta": jnp.asarray(cfg.beta, jnp.float32)}
 
 
@@ -105,9 +117,31 @@ def dpo_family_loss(params, batch: dict, ref_params: Any | None, *, graphdef: nn
 def dpo_step(state: TrainState, batch: dict, ref_params: Any | None = None, *, graphdef: nnx.GraphDef,
              tx: optax.GradientTransformation, cfg: DPOConfig, grad_accum_steps: int = 1
              ) -> tuple[TrainState, dict]:
-    """One optimizer step of the DPO family (pure). ``ref_params`` = frozen reference parameters, or
-    None when the batch carries ``reference_logps`` or the loss is reference-free. β is
-    ``state.extra["beta"]`` (:func:`dpo_extra`), not ``cfg.beta``: a traced input."""
+    """One optimizer step of the DPO family (pure; jit it once with :func:`jaxrlhf.train_state.jit_step`).
+
+    β is ``state.extra["beta"]`` (:func:`dpo_extra`), not ``cfg.beta``: a traced input.
+
+    Args:
+      state: the policy's :class:`TrainState` with ``extra = dpo_extra(cfg)``.
+      batch: LM keys ``[B, 2, T]`` (0 = chosen, 1 = rejected; KTO: :func:`build_kto_batch` with
+        ``desirable`` bool ``[B]``; ``plackett_luce``: ``[B, N, T]`` + ``ranks`` int32 ``[B, N]``), optionally
+        ``reference_logps`` float32 ``[B, 2]`` (``[B, N]``); ``B`` divisible by ``grad_accum_steps``.
+      ref_params: frozen reference parameters, or None when the batch carries ``reference_logps`` or the
+        loss is reference-free.
+      graphdef: the policy's ``nnx.GraphDef`` (static).
+      tx: the optimizer.
+      cfg: :class:`~jaxrlhf.config.DPOConfig` (``cfg.loss`` picks the member of ``PREFERENCE_LOSSES``).
+      grad_accum_steps: micro-batches per step.
+
+    Returns:
+      ``(state, metrics)``: float32 scalars ``loss``, ``rewards/chosen``, ``rewards/rejected``,
+      ``rewards/accuracy``, ``rewards/margin``, ``logps/chosen``, ``logps/rejected`` (+ loss-specific ones),
+      ``grad_norm``.
+
+    Raises:
+      ValueError: (at trace time) the loss needs a reference but there is neither ``ref_params`` nor
+        ``reference_logps``.
+    """
 
     def loss_fn(params, mb):
         return dpo_family_loss(params, mb, ref_params, graphdef=graphdef, cfg=cfg, beta=state.extra["beta"])

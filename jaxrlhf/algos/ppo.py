@@ -63,8 +63,19 @@ class PPOGraphs(NamedTuple):
 
 
 def ppo_init_params(policy_params, graphdef: nnx.GraphDef, model_cfg, cfg: PPOConfig, key) -> tuple[dict, PPOGraphs]:
-    """``({"policy", "value_head"[, "critic"]}, PPOGraphs)``; the head is zero, the separate critic a copy
-    of the policy."""
+    """PPO's trainable parameters (the ``init_params`` of :data:`PPO`).
+
+    Args:
+      policy_params: the policy decoder's ``nnx.State`` (used as is; pass a copy if you keep the original).
+      graphdef: the policy's ``nnx.GraphDef``.
+      model_cfg: its :class:`~jaxrlhf.models.config.ModelConfig` (``hidden_size`` sizes the value head).
+      cfg: :class:`~jaxrlhf.config.PPOConfig` (``critic``: ``separate`` or ``shared``).
+      key: PRNG key of the value head's initialiser.
+
+    Returns:
+      ``(params, graphs)``: ``{"policy", "value_head"[, "critic"]}`` (the head zero, the separate critic a
+      copy of the policy) and :class:`PPOGraphs`.
+    """
     head = ScalarHead(model_cfg.hidden_size, rngs=nnx.Rngs(params=key))
     head_gd, head_params = nnx.split(head)
     params = {"policy": policy_params, "value_head": jax.tree.map(jnp.zeros_like, head_params)}
@@ -151,7 +162,22 @@ UPDATE_KEYS = (*LM_KEYS, "old_logps", "old_values", "advantages", "returns")
 def ppo_update(state: TrainState, exp: dict, key, *, graphs: PPOGraphs, tx: optax.GradientTransformation,
                cfg: PPOConfig, grad_accum_steps: int = 1) -> tuple[TrainState, dict]:
     """``cfg.update.epochs`` × ``cfg.update.num_minibatches`` optimizer steps on one rollout, then the KL
-    controller (pure; jit it and donate the state). ``state.step`` advances by one (an iteration)."""
+    controller (pure; jit it and donate the state).
+
+    Args:
+      state: :class:`TrainState` with the params of :func:`ppo_init_params` and ``extra = init_extra(coef)``.
+      exp: the rollout of :func:`ppo_experience` (``[B, S]`` arrays; ``B`` divisible by
+        ``num_minibatches * grad_accum_steps``).
+      key: PRNG key of the minibatch permutations.
+      graphs: :class:`PPOGraphs` (static).
+      tx: the optimizer.
+      cfg: :class:`~jaxrlhf.config.PPOConfig`.
+      grad_accum_steps: micro-batches per minibatch.
+
+    Returns:
+      ``(state, metrics)``: ``state.step`` advanced by one (an iteration), ``extra["kl"]`` updated; float32
+      scalar metrics averaged over the minibatches (``loss``, ``grad_norm``, policy and value statistics).
+    """
     step0 = state.step
     data = {k: exp[k] for k in UPDATE_KEYS}
     loss_fn = functools.partial(ppo_loss, graphs=graphs, cfg=cfg)

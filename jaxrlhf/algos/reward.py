@@ -40,6 +40,11 @@ from jaxrlhf.losses import bradley_terry_loss, classification_loss, ranking_loss
 from jaxrlhf.models.reward_model import RewardModel
 from jaxrlhf.train_state import TrainState, gradient_step
 
+__all__ = [
+    "OBJECTIVES", "pairwise_objective", "ranking_objective", "classification_objective", "reward_loss",
+    "reward_step", "reward_outputs", "eval_metrics", "normalization_stats",
+]
+
 
 def _masked_mean_std(x: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
     w = valid.astype(jnp.float32)
@@ -113,9 +118,24 @@ def reward_loss(params, batch: dict, *, graphdef: nnx.GraphDef, stats: Any, cfg:
 
 def reward_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                 cfg: RewardConfig, grad_accum_steps: int = 1) -> tuple[TrainState, dict]:
-    """One reward-model optimizer step (pure); ``state.extra`` holds the normalisation stats (not trained).
+    """One reward-model optimizer step (pure; jit it once with :func:`jaxrlhf.train_state.jit_step`).
 
     Training batches must not contain all-padding rows (the driver's iterator drops the last short batch).
+
+    Args:
+      state: ``params`` = the trainable ``nnx.State`` of a ``RewardModel``; ``extra`` = its normalisation
+        statistics (carried, not trained).
+      batch: by ``cfg.objective``: ``pairwise`` LM keys ``[B, 2, T]`` (0 = chosen; optional ``margin``
+        float32 ``[B]``); ``ranking`` LM keys ``[B, N, T]`` + ``ranks`` int32 ``[B, N]``; ``classification``
+        LM keys ``[B, T]`` + ``labels`` int32 ``[B]``. ``B`` divisible by ``grad_accum_steps``.
+      graphdef: the reward model's ``nnx.GraphDef`` (static).
+      tx: the optimizer.
+      cfg: :class:`~jaxrlhf.config.RewardConfig`.
+      grad_accum_steps: micro-batches per step.
+
+    Returns:
+      ``(state, metrics)``: float32 scalars ``loss``, ``rewards/accuracy`` (``accuracy`` for classifiers),
+      ``rewards/margin``, ``rewards/mean``, ``rewards/std``, ``grad_norm``.
     """
 
     def loss_fn(params, mb):

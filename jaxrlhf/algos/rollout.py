@@ -38,6 +38,11 @@ from jaxrlhf.sampling import SamplingConfig
 from jaxrlhf.sharding import constrain
 from jaxrlhf.train_state import TrainState, gradient_step
 
+__all__ = [
+    "LM_KEYS", "RLAlgorithm", "init_extra", "copy_tree", "repeat_prompts", "sampling_config", "token_logps",
+    "shape_scores", "per_token_rewards", "sequence_kl", "kl_controller_update", "minibatch_epochs",
+]
+
 LM_KEYS = ("tokens", "positions", "segment_ids", "completion_mask")
 
 

@@ -16,6 +16,8 @@ from jaxrlhf.config import SFTConfig
 from jaxrlhf.ops import next_token_logprobs
 from jaxrlhf.train_state import TrainState, gradient_step
 
+__all__ = ["sft_token_losses", "sft_loss", "sft_step", "sft_eval"]
+
 
 def sft_token_losses(logits_BTV: jax.Array, tokens_BT: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
     """Per-token negative log-likelihood ``[B, T]`` aligned with ``tokens`` (position 0 is 0).
@@ -49,8 +51,21 @@ def sft_loss(params, batch: dict, *, graphdef: nnx.GraphDef, cfg: SFTConfig):
 
 def sft_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
              cfg: SFTConfig, grad_accum_steps: int = 1) -> tuple[TrainState, dict]:
-    """One SFT optimizer step (pure). Metrics: ``loss`` (mean nll per completion token), ``grad_norm``,
-    ``tokens`` (completion tokens per micro-batch, averaged)."""
+    """One SFT optimizer step (pure; jit it once with :func:`jaxrlhf.train_state.jit_step`).
+
+    Args:
+      state: the policy's :class:`TrainState` (``params`` = the model's ``nnx.State``).
+      batch: LM batch: ``tokens``/``positions``/``segment_ids`` int32 ``[B, T]``, ``completion_mask`` float32
+        ``[B, T]``; ``B`` divisible by ``grad_accum_steps``.
+      graphdef: the model's ``nnx.GraphDef`` (static).
+      tx: the optimizer (:func:`jaxrlhf.train_state.make_optimizer`).
+      cfg: :class:`~jaxrlhf.config.SFTConfig` (``label_smoothing``).
+      grad_accum_steps: micro-batches per step (exact accumulation).
+
+    Returns:
+      ``(state, metrics)``: ``step`` + 1; float32 scalar metrics ``loss`` (mean nll in nats per completion
+      token of the whole batch), ``grad_norm`` and ``tokens`` (completion tokens per micro-batch, averaged).
+    """
 
     def loss_fn(params, mb):
         return sft_loss(params, mb, graphdef=graphdef, cfg=cfg)
@@ -59,6 +74,16 @@ def sft_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef, tx: opta
 
 
 def sft_eval(params, batch: dict, *, graphdef: nnx.GraphDef) -> dict:
-    """Token-summed eval loss: ``{"nll_sum", "tokens"}`` so callers can aggregate exactly."""
+    """Token-summed eval loss of an LM batch (pure; jit it).
+
+    Args:
+      params: the model's ``nnx.State``.
+      batch: LM batch as for :func:`sft_step` (``[B, T]``).
+      graphdef: the model's ``nnx.GraphDef`` (static).
+
+    Returns:
+      ``{"nll_sum", "tokens"}`` float32 scalars (nats summed over completion tokens, their count), so callers
+      can aggregate exactly over batches.
+    """
     loss_sum, (num_tokens, _) = sft_loss(params, batch, graphdef=graphdef, cfg=SFTConfig())
     return {"nll_sum": loss_sum, "tokens": num_tokens}

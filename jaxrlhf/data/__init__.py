@@ -62,6 +62,15 @@ from jaxrlhf.data.tokenize import (
     truncate_pair,
 )
 
-import types as _types
-
-__all__ = sorted(n for n, v in globals().items() if not n.startswith("_") and not isinstance(v, _types.ModuleType))
+__all__ = [
+    "LM_KEYS", "build_classification_batch", "build_lm_batch", "build_preference_batch", "build_prompt_batch",
+    "build_ranked_batch", "pack_lm_examples", "stack_examples", "unstack_batch", "ClassificationExample",
+    "HHSplit", "Message", "PreferenceExample", "Prompt", "PromptExample", "RankedExample", "SFTExample",
+    "classification_examples", "hh_to_messages", "imdb_prefix", "imdb_prompt_examples", "preference_examples",
+    "prompt_examples", "prompt_to_messages", "ranked_examples", "ranks_from_scores", "sft_examples",
+    "split_hh_pair", "BatchIterator", "train_eval_split", "DatasetFetchError", "load_rows",
+    "ClassificationTokens", "PreferenceTokens", "RankedTokens", "SFTTokens", "TruncationReport",
+    "encode_pair", "encode_prompt", "encode_response", "encode_text", "eos_ids_for", "pad_id_for",
+    "tokenize_classification_dataset", "tokenize_preference_dataset", "tokenize_prompt_dataset",
+    "tokenize_ranked_dataset", "tokenize_sft_dataset", "truncate_pair",
+]

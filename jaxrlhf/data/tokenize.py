@@ -122,23 +122,32 @@ class TruncationReport:
 # Tokenized examples
 # ----------------------------------------------------------------------------------------------
 class SFTTokens(NamedTuple):
+    """One SFT example as token ids: ``prompt_ids`` and ``response_ids`` (int numpy ``[n]``)."""
+
     prompt_ids: np.ndarray
     response_ids: np.ndarray
 
 
 class PreferenceTokens(NamedTuple):
+    """One preference pair as token ids: ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (int numpy ``[n]``)."""
+
     prompt_ids: np.ndarray
     chosen_ids: np.ndarray
     rejected_ids: np.ndarray
 
 
 class RankedTokens(NamedTuple):
+    """One K-way ranking as token ids: ``prompt_ids``, one ``completion_ids`` array per completion and its
+    ``ranks`` (0 = best, equal = tie)."""
+
     prompt_ids: np.ndarray
     completion_ids: list[np.ndarray]
     ranks: list[int]
 
 
 class ClassificationTokens(NamedTuple):
+    """One classification example: the text's token ``ids`` (int numpy ``[n]``) and its class ``label``."""
+
     ids: np.ndarray
     label: int
 

@@ -25,6 +25,8 @@ from collections.abc import Callable
 from jaxrlhf import config as C
 from jaxrlhf.drivers import dpo, reward, rl, sft
 
+__all__ = ["DRIVERS", "run_experiment"]
+
 # algo config class -> driver ``train(cfg, resume) -> summary``.
 DRIVERS: dict[type, Callable[..., dict]] = {
     C.SFTConfig: sft.train,

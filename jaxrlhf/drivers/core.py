@@ -43,6 +43,11 @@ from jaxrlhf.loop import Hooks, RunDir, train_loop
 from jaxrlhf.sharding import check_batch_divisible, make_mesh
 from jaxrlhf.train_state import TrainState, init_sharded_state
 
+__all__ = [
+    "Policy", "load_policy", "Run", "start_run", "init_or_restore", "split_rows", "greedy_samples",
+    "PolicyEval", "policy_eval_for", "Evaluation", "drive", "run_summary",
+]
+
 log = logging.getLogger("jaxrlhf")
 
 
@@ -82,6 +87,8 @@ def check_lengths(model_cfg: Any, length: int, field: str) -> None:
 
 @dataclasses.dataclass
 class Run:
+    """What :func:`start_run` sets up: the validated config, the run folder, the mesh and the checkpointer."""
+
     cfg: C.ExperimentConfig
     dir: RunDir
     mesh: jax.sharding.Mesh

@@ -26,6 +26,8 @@ from jaxrlhf.drivers import core
 from jaxrlhf.sharding import place_batch
 from jaxrlhf.train_state import jit_step, make_optimizer
 
+__all__ = ["train"]
+
 log = logging.getLogger("jaxrlhf")
 
 

@@ -54,6 +54,11 @@ from jaxrlhf.models.layers import (activation, attend, attention_mask, dense, la
                                    run_blocks, zeros_param)
 from jaxrlhf.sharding import constrain
 
+__all__ = [
+    "Encoder", "EncoderOutput", "HF_MODEL_TYPES", "model_class", "mean_pool", "l2_normalize",
+    "config_from_hf", "hf_config_from", "params_from_hf", "params_to_hf", "config_with_head",
+]
+
 Array = jax.Array
 
 HF_MODEL_TYPES = ("bert", "roberta", "distilbert")

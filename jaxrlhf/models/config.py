@@ -13,6 +13,8 @@ from typing import Literal
 
 import jax.numpy as jnp
 
+__all__ = ["ModelConfig", "RopeScaling", "DECODER_FAMILIES", "ENCODER_FAMILIES"]
+
 Family = Literal["llama", "gpt2", "bert", "roberta", "distilbert"]
 DECODER_FAMILIES = ("llama", "gpt2")
 ENCODER_FAMILIES = ("bert", "roberta", "distilbert")

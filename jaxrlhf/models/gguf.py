@@ -25,6 +25,8 @@ from jaxrlhf.models import llama
 from jaxrlhf.models.config import ModelConfig, RopeScaling
 from jaxrlhf.models.hf import model_from_params
 
+__all__ = ["load_gguf", "SUPPORTED_ARCHITECTURES", "config_from_gguf"]
+
 PathLike = str | os.PathLike
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")

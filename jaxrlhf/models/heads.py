@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+__all__ = ["ScalarHead", "last_token_index", "gather_last", "sequence_reward"]
+
 Array = jax.Array
 
 

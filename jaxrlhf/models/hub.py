@@ -27,6 +27,11 @@ from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.gguf import load_gguf
 from jaxrlhf.models.hf import load_hf_folder
 
+__all__ = [
+    "load_pretrained", "Pretrained", "ModelUnavailableError", "REGISTRY", "RegistryEntry", "hub_download",
+    "find_hf_folder",
+]
+
 PathLike = str | os.PathLike
 
 

@@ -28,6 +28,11 @@ from flax import nnx
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+__all__ = [
+    "read_safetensors", "write_safetensors", "read_hf_config", "read_hf_tensors", "CheckpointTensors",
+    "require", "to_numpy_tree",
+]
+
 PathLike = str | os.PathLike
 
 # ----------------------------------------------------------------------------------- safetensors I/O
