@@ -52,7 +52,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import (SMOLLM2_135M, TrainerStepper, default_scan_unroll, generate_flops,  # noqa: E402
+from common import (SMOLLM2_135M, RemoteSide, TrainerStepper, default_scan_unroll, generate_flops,  # noqa: E402
                     machine, matmul_peak_gflops, print_table, result_name, smollm2_gguf, step_flops,
                     time_alternating, write_results)
 
@@ -242,6 +242,30 @@ def make_trl(texts: list[str], dtype: str, rows: int, new_tokens: int, steps: in
     return TrainerStepper(trainer), info, phases
 
 
+class _TRLSide:
+    """The TRL side as ``common.RemoteSide`` runs it in a child process: a call is one iteration;
+    ``step_times`` returns the per-iteration phase times (fetched by ``RemoteSide.close``)."""
+
+    def __init__(self, stepper, phases):
+        self.stepper, self.phases = stepper, phases
+
+    def __call__(self):
+        self.stepper()
+
+    def close(self):
+        self.stepper.close()
+
+    @property
+    def step_times(self):
+        return self.phases
+
+
+def trl_side(texts: list[str], dtype: str, rows: int, new_tokens: int, steps: int):
+    """``(_TRLSide, info)`` for ``common.RemoteSide`` (PyTorch in a child process with glibc's default malloc)."""
+    stepper, info, phases = make_trl(texts, dtype, rows, new_tokens, steps)
+    return _TRLSide(stepper, phases), info
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--warmup", type=int, default=1)
@@ -267,13 +291,15 @@ def main() -> None:
             sides[kind], infos[kind], phases[kind] = make_jax(kind, texts, dtype, unroll, rows, new_tokens)
     trl = None
     if not a.skip_trl:
-        trl, infos["trl"], phases["trl"] = make_trl(texts, dtype, rows, new_tokens, a.warmup + a.repeats)
+        trl = RemoteSide(__file__, "trl_side", texts, dtype, rows, new_tokens, a.warmup + a.repeats)
+        infos["trl"] = trl.info
         sides["trl"] = trl
     try:
         calls = time_alternating(sides, warmup=a.warmup, repeats=a.repeats)
     finally:
         if trl is not None:
             trl.close()
+            phases["trl"] = trl.step_times
     results = []
     for k in sides:
         timed = phases[k][a.warmup:]
@@ -319,7 +345,7 @@ def main() -> None:
         "dtype": dtype, "scan_unroll": unroll, "warmup": a.warmup, "repeats": a.repeats, "alternating": True,
         "matmul_peak_gflops": peak, "matmul_peak_shape": [2048, 576, 1536], "results": results,
         "trl_over_jaxrlhf_rloo": ratio, "jaxrlhf_speedup_vs_trl_total": speedups, "loadavg_at_end": os.getloadavg(),
-        "note": "shared 2-core CPU; other jobs ran concurrently, timings are noisy"})
+        "note": "TRL runs in a child process with glibc's default allocator (common.RemoteSide); sides alternate"})
     print(f"wrote {path}")
 
 
