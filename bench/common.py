@@ -172,8 +172,12 @@ def _serve_remote_side() -> None:
     import pickle
     import sys
 
-    inp, out = sys.stdin.buffer, sys.stdout.buffer
-    sys.stdout = sys.stderr                                      # library prints must not corrupt the pipe
+    inp = sys.stdin.buffer
+    # The pipe gets its own descriptor and fd 1 becomes stderr, so nothing a library prints (Python or C
+    # level, e.g. the Trainer's log lines) can corrupt the protocol.
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
 
     def send(payload: bytes) -> None:
         out.write(len(payload).to_bytes(8, "little") + payload)
