@@ -56,7 +56,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from common import (SMOLLM2_135M, RemoteSide, default_scan_unroll, generate_flops, matmul_peak_gflops,  # noqa: E402
+from common import (SMOLLM2_135M, RemoteSide, cpu_model, default_scan_unroll, generate_flops, matmul_peak_gflops,  # noqa: E402
                     result_name)
 
 SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -78,16 +78,6 @@ INSTRUCTIONS = [
     "Compose a polite email declining a meeting invitation for next Tuesday afternoon.",
     "Name the planets of the solar system in order from the sun.",
 ]
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def load_reference(folder: str, dtype: str = "float32"):

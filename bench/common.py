@@ -363,16 +363,26 @@ def torch_matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (``platform.processor()`` elsewhere)."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def machine() -> dict:
     import jax
 
     info = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
             "python": platform.python_version(), "jax": jax.__version__,
             "jax_devices": [str(d) for d in jax.devices()], "host_memory_reused": HOST_MEMORY_REUSED}
+    info["cpu_model"] = cpu_model()
     try:
         cpuinfo = pathlib.Path("/proc/cpuinfo").read_text()
-        info["cpu_model"] = next(ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines()
-                                 if ln.startswith("model name"))
         flags = next(ln for ln in cpuinfo.splitlines() if ln.startswith("flags")).split()
         info["cpu_matmul_flags"] = sorted(f for f in flags if f.startswith(("amx", "avx512_bf16", "avx512_fp16")))
     except (OSError, StopIteration):

@@ -151,10 +151,8 @@ class GPT2(nnx.Module):
 
         Returns float32 logits ``[..., V]`` whatever the compute dtype: the product accumulates in f32 and
         is not rounded to bf16, so log-softmax over the vocabulary sees full precision."""
-        tied = self.cfg.tie_word_embeddings
-        w = self.embed[...] if tied else self.lm_head[...]
-        h = hidden_BTD.astype(self.cfg.compute_dtype)
-        return constrain(lm_logits(h, w, tied=tied), ("batch", "length", "vocab"))
+        w = self.embed[...] if self.cfg.tie_word_embeddings else self.lm_head[...]
+        return constrain(lm_logits(hidden_BTD, w, self.cfg), ("batch", "length", "vocab"))
 
 
 # ------------------------------------------------------------------------- Hugging Face conversion

@@ -77,15 +77,17 @@ def dense(x: Array, w: Array, in_axes: int = 1, out_dtype=None) -> Array:
     return out.reshape(*lead, *w.shape[in_axes:])
 
 
-def lm_logits(hidden_BTD: Array, w: Array, *, tied: bool) -> Array:
-    """LM head: float32 logits ``[..., V]`` from ``hidden [..., D]``.
+def lm_logits(hidden_BTD: Array, w: Array, cfg: ModelConfig) -> Array:
+    """LM head: float32 logits ``[..., V]`` from ``hidden [..., D]`` (any float dtype).
 
-    ``w`` is the ``[V, D]`` input embedding when ``tied`` (multiplied transposed, without a transposed
-    copy), else the ``[D, V]`` output projection. The product accumulates in f32 and is returned in f32
-    whatever the compute dtype, so log-softmax over the vocabulary never sees a bf16-rounded logit.
+    ``w`` is the ``[V, D]`` input embedding when ``cfg.tie_word_embeddings`` (multiplied transposed,
+    without a transposed copy), else the ``[D, V]`` output projection. ``hidden`` is cast to
+    ``cfg.compute_dtype``; the product accumulates in f32 and is returned in f32 whatever the compute
+    dtype, so log-softmax over the vocabulary never sees a bf16-rounded logit.
     """
     lead = hidden_BTD.shape[:-1]
-    out = matmul(hidden_BTD.reshape(-1, hidden_BTD.shape[-1]), w, jnp.float32, w_transposed=tied)
+    h = hidden_BTD.reshape(-1, hidden_BTD.shape[-1]).astype(cfg.compute_dtype)
+    out = matmul(h, w, jnp.float32, w_transposed=cfg.tie_word_embeddings)
     return out.reshape(*lead, -1)
 
 
