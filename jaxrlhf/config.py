@@ -24,6 +24,7 @@ import types
 import typing
 from typing import Any, Literal, Union
 
+from jaxrlhf.errors import JaxrlhfError
 from jaxrlhf.algos.dpo_losses import PREFERENCE_LOSSES
 from jaxrlhf.sharding import MeshConfig
 
@@ -35,8 +36,10 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(JaxrlhfError, ValueError):
     """A malformed configuration or override; the message names the field and the fix."""
+
+    kind = "config"
 
 
 def _check(ok: bool, field: str, msg: str) -> None:
