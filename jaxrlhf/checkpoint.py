@@ -40,6 +40,10 @@ class Checkpointer:
         """The newest committed checkpoint step, or None when there is none."""
         return self.manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        """The committed checkpoint steps, oldest first (a save that died half-way is not among them)."""
+        return sorted(self.manager.all_steps())
+
     def save(self, step: int, state: Any, data_position: dict, meta: dict) -> None:
         """Write checkpoint ``step``. Raises ``FileExistsError`` if that step already exists."""
         if step in self.manager.all_steps():

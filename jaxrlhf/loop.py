@@ -17,6 +17,8 @@ import dataclasses
 import json
 import math
 import pathlib
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -25,8 +27,12 @@ import jax
 import numpy as np
 
 from jaxrlhf.checkpoint import Checkpointer
+from jaxrlhf.errors import NonFiniteError, Preempted
 
-__all__ = ["RunDir", "Hooks", "train_loop"]
+__all__ = ["RunDir", "Hooks", "train_loop", "GUARDED_METRICS", "check_finite", "PreemptionHandler"]
+
+GUARDED_METRICS = ("loss", "grad_norm")
+"""The metrics the NaN guard checks at every step (``train_state.gradient_step`` returns both)."""
 
 
 class RunDir:
@@ -99,6 +105,61 @@ def _to_py(v: Any) -> Any:
     return v
 
 
+def check_finite(step: int, metrics: dict, latest_checkpoint: Callable[[], int | None]) -> None:
+    """The NaN guard: raise :class:`~jaxrlhf.errors.NonFiniteError` naming ``step`` and the metric when one
+    of :data:`GUARDED_METRICS` in the fetched (host) ``metrics`` is nan or +-inf.
+
+    ``latest_checkpoint()`` is asked only on failure (for the message). Metrics other than the loss and the
+    gradient norm may legitimately be nan (e.g. a mean over an empty group) and are not checked.
+    """
+    for name in GUARDED_METRICS:
+        value = metrics.get(name)
+        if isinstance(value, (int, float)) and not math.isfinite(value):
+            raise NonFiniteError(step, name, value, latest_checkpoint())
+
+
+class PreemptionHandler:
+    """Turns SIGTERM (what TPU VMs, SLURM and Kubernetes send before they stop a job) into a flag the loop
+    reads at each step boundary, so the step in flight finishes, a checkpoint is written and the run stops
+    with :class:`~jaxrlhf.errors.Preempted` instead of dying mid-write.
+
+    A context manager; the previous handler is restored on exit. Outside the main thread (where Python
+    cannot install signal handlers) it does nothing, and the signal keeps its previous meaning.
+    """
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+        self.signals = signals
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002 -- signal handler signature
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self) -> "PreemptionHandler":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def should_stop(self) -> bool:
+        """True when this process, or with several processes any of them, has received the signal. Every
+        process must take the same decision at the same step, since the checkpoint is written collectively;
+        with one process this is a plain flag read, with several a tiny all-gather per step."""
+        if jax.process_count() == 1:
+            return self.received is not None
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.int32(self.received is not None))
+        if flags.any() and self.received is None:
+            self.received = "SIGTERM (on another process)"
+        return bool(flags.any())
+
+
 @dataclasses.dataclass(frozen=True)
 class Hooks:
     """Optional callbacks of the loop (``step`` is always the 1-based step number that just finished).
@@ -143,7 +204,24 @@ def train_loop(*, state: Any, step_fn: Callable, batches: Iterator, place: Calla
       stop_after: leave the loop after this step, as a preempted job would (only the checkpoints
         already written survive); ``--resume`` continues from the latest one.
     Returns the final state.
+
+    Raises:
+      NonFiniteError: the NaN guard (:func:`check_finite`): step k's loss or gradient norm is nan/inf. It is
+        checked before any checkpoint of step k is written, so the latest checkpoint is the last one before k.
+      Preempted: SIGTERM arrived (:class:`PreemptionHandler`); the step in flight finished, its checkpoint
+        was written (with ``checkpointer``) and the loop stopped. ``--resume`` continues from it.
     """
+    with PreemptionHandler() as preemption:
+        return _loop(state=state, step_fn=step_fn, batches=batches, place=place, total_steps=total_steps,
+                     run=run, checkpointer=checkpointer, data_position=data_position, meta=meta,
+                     log_every=log_every, eval_every=eval_every, save_every=save_every, hooks=hooks,
+                     tokens_per_step=tokens_per_step, step_args=step_args, pass_step=pass_step,
+                     progress=progress, stop_after=stop_after, preemption=preemption)
+
+
+def _loop(*, state, step_fn, batches, place, total_steps, run, checkpointer, data_position, meta, log_every,
+          eval_every, save_every, hooks, tokens_per_step, step_args, pass_step, progress, stop_after,
+          preemption: PreemptionHandler):
     from tqdm import tqdm
 
     start = int(jax.device_get(state.step))
@@ -161,6 +239,7 @@ def train_loop(*, state: Any, step_fn: Callable, batches: Iterator, place: Calla
         t_last = now
         metrics = {k: _to_py(v) for k, v in metrics.items()}
         metrics["step_time_s"] = dt
+        check_finite(step, metrics, lambda: checkpointer.latest_step() if checkpointer is not None else None)
         if tokens_per_step:
             metrics["tokens_per_s"] = tokens_per_step / max(dt, 1e-9)
         if hooks.on_metrics is not None:
@@ -189,13 +268,20 @@ def train_loop(*, state: Any, step_fn: Callable, batches: Iterator, place: Calla
             run.log(step, hooks.evaluate(state), split="eval")
         if last and hooks.finalize is not None:
             state = hooks.finalize(state)
-        if checkpointer is not None and ((save_every and step % save_every == 0) or last):
+        preempted = not last and preemption.should_stop()
+        if checkpointer is not None and ((save_every and step % save_every == 0) or last or preempted):
             if pending is not None:
                 flush(pending)
                 pending = None
             checkpointer.save(step, state, data_position() if data_position else {}, meta or {})
         if hooks.at_end is not None and last:
             hooks.at_end(state, step)
+        if preempted:
+            if pending is not None:
+                flush(pending)
+            bar.close()
+            where = str(checkpointer.directory) if checkpointer is not None else "(no checkpointer: nothing saved)"
+            raise Preempted(step, preemption.received, where)
         if stop_after and step >= stop_after:
             break
     if pending is not None:

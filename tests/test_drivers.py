@@ -1,23 +1,30 @@
 """Every driver end to end on a tiny 2-layer Llama: what it writes, and resume == uninterrupted.
 
-Each case runs three times: straight to ``steps``; interrupted (``stop_after``) then ``--resume``d. The
+Each case runs three times: straight to ``steps``; interrupted by a real SIGTERM at a random step, then
+``--resume``d. The
 resumed run must end with the same train/eval metrics (float tolerance) and the same parameters as the
 straight one -- not only the same step count. Reference values come from the straight run of the same
 config, an independent execution path (restore from orbax + iterator position + PRNG by step number).
 """
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
+import random
+import signal
 
 import jax
 import numpy as np
 import pytest
 
 from jaxrlhf import config as C
-from jaxrlhf.drivers import run_experiment
+from jaxrlhf.checkpoint import Checkpointer
+from jaxrlhf.drivers import core, run_experiment
+from jaxrlhf.errors import Preempted
 
-STEPS, STOP, SAVE = 3, 2, 2
+STEPS, SAVE = 3, 2
 TIMING = ("step_time_s", "tokens_per_s", "time/generate_s", "time/score_s")
 
 
@@ -71,6 +78,28 @@ def experiment(folder, run_dir, name, algo, data, stop_after=0):
         algo=algo)
 
 
+@contextlib.contextmanager
+def sigterm_after_step(monkeypatch, k):
+    """Send this process a real SIGTERM right after the loop dispatches step ``k`` (through the loop's
+    ``after_step`` hook, wrapped around the driver's own)."""
+    real_loop = core.train_loop
+
+    def loop(**kw):
+        hooks = kw["hooks"]
+
+        def after_step(step, state, metrics, aux):
+            if hooks.after_step is not None:
+                hooks.after_step(step, state, metrics, aux)
+            if step == k:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        return real_loop(**dict(kw, hooks=dataclasses.replace(hooks, after_step=after_step)))
+
+    monkeypatch.setattr(core, "train_loop", loop)
+    yield
+    monkeypatch.setattr(core, "train_loop", real_loop)
+
+
 def rows(run, split):
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in m.items() if k not in TIMING} for m in lines if m["split"] == split]
@@ -90,7 +119,8 @@ SLOW = ["sft", "reward", "dpo", "simpo", "ppo", "grpo", "rloo"]
 
 
 @pytest.mark.parametrize("name", DEFAULT + [pytest.param(n, marks=pytest.mark.slow) for n in SLOW])
-def test_driver_writes_its_run_and_resume_equals_straight(name, tiny_llama_folder, shared_assets, tmp_path):
+def test_driver_writes_its_run_and_resume_equals_straight(name, tiny_llama_folder, shared_assets, tmp_path,
+                                                          monkeypatch):
     algo, data, (samples, export) = make_case(name, shared_assets, tmp_path)
     runs = tmp_path / "runs"
     straight = run_experiment(experiment(tiny_llama_folder, runs, "straight", algo, data))
@@ -114,9 +144,16 @@ def test_driver_writes_its_run_and_resume_equals_straight(name, tiny_llama_folde
     if export:
         assert (run / export / "config.json").exists()
 
-    # Interrupted after STOP (last checkpoint SAVE), then resumed: same metrics, same parameters.
-    cut = run_experiment(experiment(tiny_llama_folder, runs, "resumed", algo, data, stop_after=STOP))
-    assert int(jax.device_get(cut["state"].step)) == STOP and cut["eval_after"] is None
+    # SIGTERM (a preemption) at a random step k: the loop finishes step k, saves it and stops; the resumed
+    # run restores params, optimiser, extra (KL controller, reward normaliser), data position and the
+    # step-derived PRNG, and must end with the same metrics and parameters as the straight run.
+    k = random.Random(name).randint(1, STEPS - 1)
+    with pytest.raises(Preempted) as stopped:
+        with sigterm_after_step(monkeypatch, k):
+            run_experiment(experiment(tiny_llama_folder, runs, "resumed", algo, data))
+    assert stopped.value.step == k
+    assert Checkpointer(runs / "resumed" / "checkpoints").latest_step() == k
+    assert [m["step"] for m in rows(runs / "resumed", "train")] == list(range(1, k + 1))
     resumed = run_experiment(experiment(tiny_llama_folder, runs, "resumed", algo, data), resume=True)
     for split in ("train", "eval"):
         a, b = rows(run, split), rows(runs / "resumed", split)

@@ -329,12 +329,17 @@ def drive(run: Run, state: Any, position: dict | None, *, step_fn: Callable, bat
             write_samples(state, "before", 0)
     hooks = Hooks(evaluate=eval_metrics if has_eval else None, after_step=after_step,
                   finalize=finalize, at_end=(lambda st, s: write_samples(st, "after", s)) if n_samples else None)
-    state = train_loop(state=state, step_fn=step_fn, batches=batches, place=place, total_steps=cfg.train.steps,
-                       run=run.dir, checkpointer=run.checkpointer, data_position=batches.get_state, meta=meta,
-                       log_every=cfg.train.log_every,
-                       eval_every=(cfg.train.eval_every or cfg.train.steps) if has_eval else 0,
-                       save_every=cfg.train.save_every, hooks=hooks, tokens_per_step=tokens_per_step,
-                       step_args=step_args, pass_step=pass_step, stop_after=cfg.train.stop_after)
+    try:  # NonFiniteError / Preempted leave the finished checkpoints as they are (jaxrlhf.loop)
+        state = train_loop(state=state, step_fn=step_fn, batches=batches, place=place,
+                           total_steps=cfg.train.steps, run=run.dir, checkpointer=run.checkpointer,
+                           data_position=batches.get_state, meta=meta, log_every=cfg.train.log_every,
+                           eval_every=(cfg.train.eval_every or cfg.train.steps) if has_eval else 0,
+                           save_every=cfg.train.save_every, hooks=hooks, tokens_per_step=tokens_per_step,
+                           step_args=step_args, pass_step=pass_step, stop_after=cfg.train.stop_after)
+    except BaseException:
+        run.checkpointer.close()
+        run.dir.close()
+        raise
     extra: dict = {}
     if int(jax.device_get(state.step)) == cfg.train.steps and export is not None and jax.process_index() == 0:
         extra = export(state)
