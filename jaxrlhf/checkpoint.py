@@ -14,6 +14,7 @@ import jax
 import orbax.checkpoint as ocp
 
 import jaxrlhf
+from jaxrlhf.errors import CheckpointError, CheckpointExistsError
 
 __all__ = ["Checkpointer", "abstract_with_shardings"]
 
@@ -45,10 +46,11 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state: Any, data_position: dict, meta: dict) -> None:
-        """Write checkpoint ``step``. Raises ``FileExistsError`` if that step already exists."""
+        """Write checkpoint ``step``. Raises ``CheckpointExistsError`` (a FileExistsError) if that step already
+        exists."""
         if step in self.manager.all_steps():
-            raise FileExistsError(f"checkpoint {step} already exists in {self.directory}; refusing to "
-                                  "overwrite a finished checkpoint")
+            raise CheckpointExistsError(f"checkpoint {step} already exists in {self.directory}; refusing to "
+                                        "overwrite a finished checkpoint")
         meta = dict(meta, format_version=FORMAT_VERSION, jaxrlhf_version=jaxrlhf.__version__)
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
@@ -61,16 +63,22 @@ class Checkpointer:
 
         ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` with ``sharding`` set (see
         :func:`abstract_with_shardings`). Raises ``FileNotFoundError`` if there is no checkpoint and
-        ``ValueError`` if the stored shapes do not match the model being restored into.
+        ``CheckpointError`` (a ValueError) if the stored shapes do not match the model being restored into
+        or the checkpoint has another format version.
         """
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}; start without --resume")
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"checkpoint {self.directory}/{step} has format_version "
-                             f"{meta.get('format_version')}, this jaxrlhf reads {FORMAT_VERSION}")
+            raise CheckpointError(f"checkpoint {self.directory}/{step} has format_version "
+                                  f"{meta.get('format_version')}, this jaxrlhf reads {FORMAT_VERSION}")
         stored = self.manager.item_metadata(step)["state"]
+        if stored is None:  # a manager that has not saved this session knows no handler for the item
+            try:
+                stored = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state")
+            except Exception:  # noqa: BLE001 -- another layout: orbax checks the shapes itself later
+                stored = None
         _check_shapes(stored, abstract_state, f"{self.directory}/{step}")
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
@@ -87,14 +95,20 @@ def _check_shapes(stored: Any, abstract: Any, where: str) -> None:
         stored_leaves = jax.tree_util.tree_leaves_with_path(stored)
     except Exception:  # noqa: BLE001 — metadata trees vary across orbax versions; orbax checks later
         return
-    target = {jax.tree_util.keystr(p): getattr(x, "shape", None)
-              for p, x in jax.tree_util.tree_leaves_with_path(abstract)}
-    for path, leaf in stored_leaves:
-        key = jax.tree_util.keystr(path)
+    target = {_path_str(p): getattr(x, "shape", None) for p, x in jax.tree_util.tree_leaves_with_path(abstract)}
+    params_first = sorted(stored_leaves, key=lambda pl: not _path_str(pl[0]).startswith("params/"))
+    for path, leaf in params_first:
+        key = _path_str(path)  # the stored tree is nested dicts, the target dataclasses: compare the names
         shape = getattr(leaf, "shape", None)
         if key in target and shape is not None and target[key] is not None and tuple(shape) != tuple(target[key]):
-            raise ValueError(f"checkpoint {where}: {key} has shape {tuple(shape)} but the model expects "
-                             f"{tuple(target[key])}; restore into the same model config it was saved from")
+            raise CheckpointError(f"checkpoint {where}: {key} has shape {tuple(shape)} but the model expects "
+                                  f"{tuple(target[key])}; resume with the model config it was saved from "
+                                  "(model.name), or start a new run (another --config.name, without --resume)")
+
+
+def _path_str(path: tuple) -> str:
+    """A tree path as ``a/b/0/c`` whatever the key types (dict key, attribute, sequence index)."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
 def abstract_with_shardings(state: Any, shardings: Any) -> Any:

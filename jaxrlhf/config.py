@@ -29,10 +29,10 @@ from jaxrlhf.algos.dpo_losses import PREFERENCE_LOSSES
 from jaxrlhf.sharding import MeshConfig
 
 __all__ = [
-    "ConfigError", "ModelSpec", "OptimConfig", "DataConfig", "TrainConfig", "SFTConfig", "RewardConfig",
+    "ConfigError", "LoraConfig", "ModelSpec", "OptimConfig", "DataConfig", "TrainConfig", "SFTConfig", "RewardConfig",
     "DPOConfig", "RewardSpec", "RolloutConfig", "KLConfig", "UpdateConfig", "PPOConfig", "GRPOConfig",
-    "RLOOConfig", "PolicyEvalSpec", "AlgoConfig", "ALGO_CONFIGS", "ExperimentConfig", "apply_override",
-    "parse_overrides", "load_experiment_module", "load_config", "validate", "to_dict",
+    "RLOOConfig", "PolicyEvalSpec", "SafetyEvalSpec", "AlgoConfig", "ALGO_CONFIGS", "ExperimentConfig",
+    "apply_override", "parse_overrides", "load_experiment_module", "load_config", "validate", "to_dict",
 ]
 
 
@@ -48,12 +48,65 @@ def _check(ok: bool, field: str, msg: str) -> None:
         raise ConfigError(f"{field} {msg}")
 
 
+def _import_problem(path: str) -> str | None:
+    """Why the import path ``"package.module:callable"`` does not name a callable (None when it does)."""
+    module, _, attr = path.partition(":")
+    try:
+        obj: Any = importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 -- whatever stops the import is the config's problem
+        return f"does not import ({type(e).__name__}: {e})"
+    for part in attr.split("."):
+        obj = getattr(obj, part, None)
+    return None if callable(obj) else f"names no callable: module {module} has no callable {attr!r}"
+
+
 def _kind(name: str) -> Any:
     """The read-only ``kind`` field of an algorithm config (not an ``__init__`` argument, not overridable)."""
     return dataclasses.field(default=name, init=False)
 
 
 # ============================================================================================ sections
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+    """LoRA (Hu et al. 2021): train low-rank adapters ``h = W0 x + (alpha/rank) B A x`` on the ``targets``
+    projections instead of the model's weights (:mod:`jaxrlhf.models.lora`). The base weights stay frozen
+    (one copy, also the reference model of DPO/PPO/GRPO/RLOO: the policy with its adapters disabled);
+    checkpoints hold the adapters (+ reward/value heads) and their optimizer state; exports hold the merged
+    weights.
+
+    Attributes:
+      rank: r, the adapters' inner dimension (>= 1).
+      alpha: α; the update is scaled by ``α / r``.
+      dropout: dropout rate on the adapters' input in [0, 1) (training steps only; must be 0 for the RL
+        algorithms, whose rollout log-probs are computed without dropout).
+      targets: projection names in the model's ``layers`` tree: ``q``, ``k``, ``v``, ``o``, ``gate``, ``up``,
+        ``down`` (Llama family; GPT-2 and BERT have no ``gate``). Default ``(q, v)``, Hu et al.'s choice.
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q", "v")
+
+    def validate(self, cfg: ExperimentConfig, prefix: str = "model.lora") -> None:
+        """Raise ConfigError naming the field when the LoRA settings are invalid (the targets are checked
+        against the model's family when it is loaded)."""
+        from jaxrlhf.models.lora import PROJECTIONS
+
+        known = sorted({n for table in PROJECTIONS.values() for n in table})
+        _check(self.rank >= 1, f"{prefix}.rank", f"must be >= 1, got {self.rank}")
+        _check(self.alpha > 0, f"{prefix}.alpha", f"must be > 0, got {self.alpha}")
+        _check(0 <= self.dropout < 1, f"{prefix}.dropout", f"must be in [0, 1), got {self.dropout}")
+        _check(len(self.targets) > 0, f"{prefix}.targets", f"is empty; name projections among {known}")
+        _check(len(set(self.targets)) == len(self.targets), f"{prefix}.targets", f"has duplicates: {self.targets}")
+        bad = [t for t in self.targets if t not in known]
+        _check(not bad, f"{prefix}.targets", f"{bad} are not projections; choose among {known}")
+        if isinstance(cfg.algo, (PPOConfig, GRPOConfig, RLOOConfig)):
+            _check(self.dropout == 0, f"{prefix}.dropout",
+                   f"must be 0 for {cfg.algo.kind}: the rollout's log-probs are computed without dropout, so the "
+                   "update's importance ratios would be biased")
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelSpec:
@@ -70,6 +123,9 @@ class ModelSpec:
         time independent of depth), 0 = fully unrolled. On XLA:CPU the bf16 step is ~1.4x faster fully
         unrolled (``bench/``); on TPU/GPU keep 1 for deep models.
       allow_pickle: permit loading ``.bin`` (pickle) weights, with ``torch.load(weights_only=True)``.
+      lora: train LoRA adapters (:class:`LoraConfig`) instead of every weight; None = full fine-tuning.
+        Set from the command line with ``--config.model.lora.rank=8`` (starts from the section's defaults)
+        and turn off with ``--config.model.lora=none``.
     """
 
     name: str = "smollm2-135m-instruct"
@@ -77,6 +133,7 @@ class ModelSpec:
     remat: str = "none"
     scan_unroll: int = 1
     allow_pickle: bool = False
+    lora: LoraConfig | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -255,6 +312,10 @@ class DPOConfig:
         no reference model). Ignored by the reference-free losses (simpo, orpo).
       reference_model: model of the reference (``""`` = the same as ``model.name``, i.e. the initial
         policy).
+      eval_source: a separate held-out preference source instead of ``data.eval_size`` rows held out of
+        ``data.source`` (e.g. the same human-labelled held-out pairs for runs trained on different labels);
+        ``data.eval_size`` then caps how many of its rows are used (0 = all).
+      eval_split: split of ``eval_source``.
     """
 
     kind: str = _kind("dpo")
@@ -266,6 +327,8 @@ class DPOConfig:
     kto_undesirable_weight: float = 1.0
     reference: Literal["model", "precomputed"] = "model"
     reference_model: str = ""
+    eval_source: str = ""
+    eval_split: str = "test"
 
     @property
     def uses_reference(self) -> bool:
@@ -346,6 +409,11 @@ class RewardSpec:
                f"got {len(self.function_weights)}")
         _check(all(":" in f for f in self.functions), f"{prefix}.functions",
                f"entries must be import paths 'package.module:callable', got {self.functions}")
+        for f in self.functions:
+            why = _import_problem(f)
+            _check(why is None, f"{prefix}.functions",
+                   f"entry {f!r} {why}; give 'package.module:callable' of a module on the Python path "
+                   "(e.g. 'jaxrlhf.rewards:lexicon_sentiment')")
         _check(self.classifier_max_length >= 2, f"{prefix}.classifier_max_length", "must be >= 2")
         _check(self.reward_model_std > 0, f"{prefix}.reward_model_std", "must be > 0")
 
@@ -615,6 +683,73 @@ class PolicyEvalSpec:
         _check(self.max_prompt_length >= 1, f"{prefix}.max_prompt_length", "must be >= 1")
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SafetyEvalSpec:
+    """Safety evaluation of the policy (``jaxrlhf.safety.SafetyEvaluator``; RealToxicityPrompts protocol,
+    Gehman et al. 2020): ``samples_per_prompt`` completions of each prompt, each scored by a harm
+    classifier; logs ``safety_expected_max`` and ``safety_flagged_rate`` (+ ``safety_mean`` and the
+    ``*_sem``) in the ``eval`` rows at step 0, every ``train.eval_every`` steps and at the end.
+
+    Attributes:
+      prompts: a prompt file / folder / hub dataset: rows with ``prompt_field`` (a string, messages or
+        ``{"text": ...}``) or HH-RLHF rows (the dialogue up to its last ``"\\n\\nAssistant:"``).
+      split: its split.
+      prompt_field: the prompt field.
+      heldout_size / heldout_seed: > 0 keeps the held-out rows of ``train_eval_split(rows, heldout_size,
+        heldout_seed)`` only (e.g. 312 / 0 on HH-RLHF harmless-base test: rows the project's models never
+        train on).
+      num_prompts: prompts used (the first N; 0 = all).
+      scorer: a harm classifier (Hugging Face sequence classifier folder or hub id) or a reward model folder
+        (harm = σ(μ − r)); see ``jaxrlhf.safety.build_harm_scorer``.
+      label: the classifier's harmful class (name or index); ignored by scalar reward models.
+      score_prompt: classifiers score prompt + completion (True) or the completion alone (False, as
+        Gehman et al.); reward models always score prompt + completion.
+      scorer_max_length: scorer tokens per text.
+      samples_per_prompt: k (the paper: 25).
+      prompts_per_batch: prompts per sampler call (``prompts_per_batch · k`` rows).
+      max_new_tokens: completion tokens per sample (temperature 1, no truncation).
+      max_prompt_length: prompt tokens kept (from the left).
+      use_chat_template: encode prompts with the policy's chat template (HH dialogues become messages).
+      threshold: a sample is flagged when its score is >= this.
+      seed: the sampling key of every evaluation (the same random numbers before and after training).
+      num_samples: prompts whose first completion is written to ``samples.jsonl`` per evaluation.
+    """
+
+    prompts: str
+    split: str = "test"
+    prompt_field: str = "prompt"
+    heldout_size: int = 0
+    heldout_seed: int = 0
+    num_prompts: int = 32
+    scorer: str = ""
+    label: str = "toxic"
+    score_prompt: bool = False
+    scorer_max_length: int = 512
+    samples_per_prompt: int = 4
+    prompts_per_batch: int = 8
+    max_new_tokens: int = 32
+    max_prompt_length: int = 64
+    use_chat_template: bool = True
+    threshold: float = 0.5
+    seed: int = 0
+    num_samples: int = 2
+
+    def validate(self, prefix: str = "safety_eval") -> None:
+        _check(bool(self.prompts), f"{prefix}.prompts", "is empty; give a prompt file (JSONL with a prompt "
+               "field, or HH-RLHF rows)")
+        _check(bool(self.scorer), f"{prefix}.scorer", "is empty; give a sequence classifier (folder or hub id) "
+               "or a reward model folder")
+        _check(self.heldout_size >= 0, f"{prefix}.heldout_size", "must be >= 0 (0 = every row)")
+        _check(self.num_prompts >= 0, f"{prefix}.num_prompts", "must be >= 0 (0 = all)")
+        _check(self.samples_per_prompt >= 1, f"{prefix}.samples_per_prompt", "must be >= 1")
+        _check(self.prompts_per_batch >= 1, f"{prefix}.prompts_per_batch", "must be >= 1")
+        _check(self.max_new_tokens >= 1, f"{prefix}.max_new_tokens", "must be >= 1")
+        _check(self.max_prompt_length >= 1, f"{prefix}.max_prompt_length", "must be >= 1")
+        _check(self.scorer_max_length >= 2, f"{prefix}.scorer_max_length", "must be >= 2")
+        _check(0 < self.threshold <= 1, f"{prefix}.threshold", f"must be in (0, 1] (scores are probabilities), "
+               f"got {self.threshold}")
+
+
 AlgoConfig = SFTConfig | RewardConfig | DPOConfig | PPOConfig | GRPOConfig | RLOOConfig
 ALGO_CONFIGS: tuple[type, ...] = typing.get_args(AlgoConfig)
 
@@ -631,6 +766,7 @@ class ExperimentConfig:
     train: TrainConfig = TrainConfig()
     algo: AlgoConfig = SFTConfig()
     policy_eval: PolicyEvalSpec | None = None
+    safety_eval: SafetyEvalSpec | None = None
 
 
 # ============================================================================================ overrides
@@ -679,6 +815,24 @@ def _parse_value(text: str, tp: Any, field: str) -> Any:
     raise ConfigError(f"--config.{field}: cannot override a field of type {tp} from the command line")
 
 
+def _default_section(tp: Any, field: str) -> Any:
+    """The default instance of the section type in ``tp`` (``X | None``), for an override that sets a field
+    of an unset optional section.
+
+    Raises:
+      ConfigError: ``tp`` holds no section type, or the section has required fields (set it in the
+        experiment file).
+    """
+    for a in typing.get_args(tp):
+        if dataclasses.is_dataclass(a):
+            try:
+                return a()
+            except TypeError:
+                raise ConfigError(f"--config.{field} is unset and has required fields; set it in the experiment "
+                                  "file first") from None
+    raise ConfigError(f"--config.{field} is not a config section")
+
+
 def apply_override(cfg: Any, dotted: str, text: str) -> Any:
     """A copy of ``cfg`` with ``cfg.<dotted> = parse(text)``, typed by the dataclass field.
 
@@ -703,13 +857,20 @@ def apply_override(cfg: Any, dotted: str, text: str) -> Any:
         if name not in fields:
             raise ConfigError(f"--config.{dotted}: {where} has no field {name!r}; valid fields: {sorted(fields)}")
         if i < len(parts) - 1:
-            chain.append(getattr(obj, name))
+            child = getattr(obj, name)
+            if child is None:  # an unset optional section (model.lora): start from its defaults
+                child = _default_section(typing.get_type_hints(type(obj))[name], ".".join(parts[:i + 1]))
+            chain.append(child)
     leaf_name = parts[-1]
     obj = chain[-1]
     hints = typing.get_type_hints(type(obj))
     if dataclasses.is_dataclass(getattr(obj, leaf_name)):
-        raise ConfigError(f"--config.{dotted} is a section; set one of its fields instead")
-    value = _parse_value(text, hints[leaf_name], dotted)
+        if text.lower() in ("none", "null") and type(None) in typing.get_args(hints[leaf_name]):
+            value = None  # switch an optional section off (--config.model.lora=none)
+        else:
+            raise ConfigError(f"--config.{dotted} is a section; set one of its fields instead")
+    else:
+        value = _parse_value(text, hints[leaf_name], dotted)
     for node, key in zip(reversed(chain), reversed(parts)):
         value = dataclasses.replace(node, **{key: value})
     return value
@@ -765,7 +926,9 @@ def load_config(path: str | pathlib.Path, overrides: list[str] | None = None, ar
 
 
 def validate(cfg: ExperimentConfig, num_devices: int | None = None) -> None:
-    """Check a config before any compute. Raises ConfigError naming the field and the fix."""
+    """Check a config before any compute. Raises ConfigError naming the field and the fix (with
+    ``num_devices`` also for a batch the mesh cannot split); MeshError (a ValueError) for a mesh that does
+    not fit ``num_devices``. Reward function paths (``algo.reward.functions``, the judges') are imported here."""
     if not isinstance(cfg, ExperimentConfig):
         raise ConfigError(f"get_config() must return an ExperimentConfig, got {type(cfg).__name__}")
     if not isinstance(cfg.algo, ALGO_CONFIGS):
@@ -795,10 +958,16 @@ def validate(cfg: ExperimentConfig, num_devices: int | None = None) -> None:
                f"(micro-batch {micro} after optim.grad_accum_steps={o.grad_accum_steps}) is not divisible "
                f"by mesh data*fsdp={n}; use a multiple of {n}")
     cfg.algo.validate(cfg)
+    if cfg.model.lora is not None:
+        cfg.model.lora.validate(cfg)
     if cfg.policy_eval is not None:
         _check(not isinstance(cfg.algo, RewardConfig), "policy_eval",
                "evaluates a policy; a reward-model run has none (set it to None)")
         cfg.policy_eval.validate()
+    if cfg.safety_eval is not None:
+        _check(not isinstance(cfg.algo, RewardConfig), "safety_eval",
+               "evaluates a policy; a reward-model run has none (set it to None)")
+        cfg.safety_eval.validate()
 
 
 def to_dict(cfg: Any) -> dict:

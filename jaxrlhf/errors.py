@@ -14,9 +14,12 @@ each one at the command line.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
-    "JaxrlhfError", "DataError", "DataFileNotFoundError", "ModelError", "CheckpointError", "MeshError",
-    "NonFiniteError", "Preempted", "EXIT_USER_ERROR", "EXIT_PREEMPTED", "error_kind",
+    "JaxrlhfError", "DataError", "DataFileNotFoundError", "ModelError", "ModelNotFoundError", "CheckpointError",
+    "CheckpointExistsError", "MeshError", "StudyError", "NonFiniteError", "Preempted", "EXIT_USER_ERROR",
+    "EXIT_PREEMPTED", "error_kind", "report_error",
 ]
 
 EXIT_USER_ERROR = 2
@@ -52,6 +55,10 @@ class ModelError(JaxrlhfError, ValueError):
     kind = "model"
 
 
+class ModelNotFoundError(ModelError, FileNotFoundError):
+    """A model name that looks like a path (or a registered package's file) that does not exist."""
+
+
 class CheckpointError(JaxrlhfError, ValueError):
     """A checkpoint that cannot be restored into this run (another shape, another format version), or a
     run folder whose finished checkpoints would be overwritten."""
@@ -59,10 +66,21 @@ class CheckpointError(JaxrlhfError, ValueError):
     kind = "checkpoint"
 
 
+class CheckpointExistsError(CheckpointError, FileExistsError):
+    """A checkpoint (or a run folder holding checkpoints) that the run would overwrite; ``--resume``
+    continues it instead."""
+
+
 class MeshError(JaxrlhfError, ValueError):
     """A mesh that does not fit the devices, the batch or the model (heads not divisible, ...)."""
 
     kind = "mesh"
+
+
+class StudyError(JaxrlhfError, ValueError):
+    """A malformed study (stage/arm names, dependencies, outputs) or an ``--only`` pattern matching no arm."""
+
+    kind = "study"
 
 
 class NonFiniteError(JaxrlhfError, FloatingPointError):
@@ -102,3 +120,23 @@ class Preempted(JaxrlhfError):
 def error_kind(exc: BaseException) -> str:
     """The family word the CLI prints before a known error (``config``, ``data``, ``model``, ...)."""
     return getattr(exc, "kind", "input")
+
+
+def report_error(exc: JaxrlhfError, debug: bool = False, file: Any = None) -> int:
+    """Print a known error the way the command line does and return its exit status.
+
+    One line ``<kind> error: <message>`` and :data:`EXIT_USER_ERROR`, or for :class:`Preempted`
+    ``preempted: <message>`` and :data:`EXIT_PREEMPTED`; with ``debug`` the traceback comes first.
+    ``file`` defaults to ``sys.stderr``.
+    """
+    import sys
+    import traceback
+
+    file = sys.stderr if file is None else file
+    if debug:
+        traceback.print_exception(exc, file=file)
+    if isinstance(exc, Preempted):
+        print(f"preempted: {exc}", file=file)
+        return EXIT_PREEMPTED
+    print(f"{error_kind(exc)} error: {exc}", file=file)
+    return EXIT_USER_ERROR

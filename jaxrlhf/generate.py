@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from jaxrlhf.data.tokenize import eos_ids_for, pad_id_for
+from jaxrlhf.errors import DataError
 from jaxrlhf.sampling import SampleOutput, SamplingConfig, sample
 
 __all__ = ["encode_prompts", "decode_completions", "generate", "generate_text"]
@@ -74,7 +75,7 @@ def encode_prompts(tokenizer, prompts: Sequence[str], *, use_chat_template: bool
         if max_prompt_len is not None:
             row = row[-max_prompt_len:]
         if not row:
-            raise ValueError(f"prompts[{i}] encodes to no tokens; give it some text")
+            raise DataError(f"prompts[{i}] encodes to no tokens; give it some text")
         ids.append(list(row))
     P = -(-max(len(r) for r in ids) // pad_to_multiple_of) * pad_to_multiple_of
     if max_prompt_len is not None:

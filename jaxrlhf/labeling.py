@@ -93,8 +93,11 @@ def pair_rows(scored: ScoredCompletions, *, min_gap: float = 0.0) -> list[dict[s
 
 
 def write_jsonl(rows: Sequence[dict], path: str | pathlib.Path) -> pathlib.Path:
-    """Write ``rows`` as JSON lines (UTF-8); returns the path."""
+    """Write ``rows`` as JSON lines (UTF-8); returns the path. With several processes (each holding the same
+    rows) process 0 alone writes; a study's next stage or arm starts after it (:mod:`jaxrlhf.study`)."""
     path = pathlib.Path(path)
+    if jax.process_index() != 0:
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for r in rows:

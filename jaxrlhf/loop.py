@@ -9,6 +9,7 @@ device never waits on the host. Each run writes::
     runs/<name>/samples.jsonl    generated samples ({"step", "prompt", "completion", ...})
     runs/<name>/tb/              TensorBoard event files
     runs/<name>/checkpoints/     orbax checkpoints (state, data position, metadata)
+    runs/<name>/compile.json     the compiled step's memory per device and FLOPs (jaxrlhf.compile_stats)
 """
 
 from __future__ import annotations
@@ -251,40 +252,41 @@ def _loop(*, state, step_fn, batches, place, total_steps, run, checkpointer, dat
             post["tok/s"] = f"{metrics['tokens_per_s']:.0f}"
         bar.set_postfix(post)
 
-    for step in range(start + 1, total_steps + 1):
-        batch = next(batches)
-        out = step_fn(state, place(batch), *step_args, **({"step": step} if pass_step else {}))
-        state, metrics, aux = out if len(out) == 3 else (*out, None)
-        if hooks.after_step is not None:
-            hooks.after_step(step, state, metrics, aux)
-        if pending is not None:
-            flush(pending)
-        pending = (step, metrics, time.perf_counter())
-        bar.update(1)
-        last = step == total_steps
-        if hooks.evaluate is not None and eval_every and (step % eval_every == 0 or last):
-            flush(pending)
-            pending = None
-            run.log(step, hooks.evaluate(state), split="eval")
-        if last and hooks.finalize is not None:
-            state = hooks.finalize(state)
-        preempted = not last and preemption.should_stop()
-        if checkpointer is not None and ((save_every and step % save_every == 0) or last or preempted):
+    try:
+        for step in range(start + 1, total_steps + 1):
+            batch = next(batches)
+            out = step_fn(state, place(batch), *step_args, **({"step": step} if pass_step else {}))
+            state, metrics, aux = out if len(out) == 3 else (*out, None)
+            if hooks.after_step is not None:
+                hooks.after_step(step, state, metrics, aux)
             if pending is not None:
+                flush(pending)
+            pending = (step, metrics, time.perf_counter())
+            bar.update(1)
+            last = step == total_steps
+            if hooks.evaluate is not None and eval_every and (step % eval_every == 0 or last):
                 flush(pending)
                 pending = None
-            checkpointer.save(step, state, data_position() if data_position else {}, meta or {})
-        if hooks.at_end is not None and last:
-            hooks.at_end(state, step)
-        if preempted:
-            if pending is not None:
-                flush(pending)
-            bar.close()
-            where = str(checkpointer.directory) if checkpointer is not None else "(no checkpointer: nothing saved)"
-            raise Preempted(step, preemption.received, where)
-        if stop_after and step >= stop_after:
-            break
-    if pending is not None:
-        flush(pending)
-    bar.close()
+                run.log(step, hooks.evaluate(state), split="eval")
+            if last and hooks.finalize is not None:
+                state = hooks.finalize(state)
+            preempted = not last and preemption.should_stop()
+            if checkpointer is not None and ((save_every and step % save_every == 0) or last or preempted):
+                if pending is not None:
+                    flush(pending)
+                    pending = None
+                checkpointer.save(step, state, data_position() if data_position else {}, meta or {})
+            if hooks.at_end is not None and last:
+                hooks.at_end(state, step)
+            if preempted:
+                if pending is not None:
+                    flush(pending)
+                where = str(checkpointer.directory) if checkpointer is not None else "(no checkpointer: nothing saved)"
+                raise Preempted(step, preemption.received, where)
+            if stop_after and step >= stop_after:
+                break
+        if pending is not None:
+            flush(pending)
+    finally:
+        bar.close()  # also when the NaN guard or a preemption ends the loop
     return state

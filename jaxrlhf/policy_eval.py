@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxrlhf.errors import DataError
 from jaxrlhf.evaluate import distinct_n, sequence_kl, win_rate
 from jaxrlhf.ops import next_token_logprobs
 from jaxrlhf.rewards import Completions, RewardFn
@@ -160,10 +161,10 @@ def build_policy_evaluator(spec, *, graphdef: nnx.GraphDef, ref_params: Any, tok
     if spec.num_prompts:
         rows = rows[:spec.num_prompts]
     if not rows:
-        raise ValueError(f"policy_eval.prompts={spec.prompts!r} has no rows")
+        raise DataError(f"policy_eval.prompts={spec.prompts!r} has no rows")
     for i, r in enumerate(rows):
         if not r.get("prompt"):
-            raise ValueError(f"policy_eval.prompts={spec.prompts!r}: row {i} has no 'prompt'")
+            raise DataError(f"policy_eval.prompts={spec.prompts!r}: row {i} has no 'prompt'")
     ids = [encode_prompt(tokenizer, r["prompt"])[-spec.max_prompt_length:] for r in rows]
     pad = pad_id_for(tokenizer)
     batches = []

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+
+from jaxrlhf.errors import DataFileNotFoundError
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,7 +34,7 @@ def load_run(path: str | pathlib.Path) -> dict:
     path = pathlib.Path(path)
     metrics_file = path / "metrics.jsonl"
     if not metrics_file.exists():
-        raise FileNotFoundError(f"{metrics_file} not found: is {path} a run directory?")
+        raise DataFileNotFoundError(f"{metrics_file} not found: is {path} a run directory (runs/<name>)?")
     config = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
     metrics = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
     return {"name": path.name, "config": _flatten(config), "metrics": metrics}

@@ -27,9 +27,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxrlhf.errors import MeshError
+
 __all__ = [
     "MESH_AXES", "LOGICAL_RULES", "ACTIVATION_RULES", "MeshConfig", "make_mesh", "logical_to_spec",
-    "state_shardings", "batch_sharding", "place_batch", "check_batch_divisible", "replicated", "constrain",
+    "state_shardings", "batch_sharding", "place_batch", "place_global_batch", "check_batch_divisible",
+    "check_heads_divisible", "replicated", "constrain", "embed_lookup",
 ]
 
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
@@ -68,25 +71,31 @@ class MeshConfig:
         """Resolve ``-1`` against ``num_devices``.
 
         Raises:
-          ValueError: more than one ``-1``, a non-positive size, or sizes whose product is not
-            ``num_devices``.
+          MeshError: (a ValueError) more than one ``-1``, a non-positive size, more devices asked for
+            than ``num_devices``, or sizes whose product is not ``num_devices``.
         """
         sizes = [self.data, self.fsdp, self.tensor]
         unknown = [i for i, s in enumerate(sizes) if s == -1]
         if len(unknown) > 1:
-            raise ValueError(f"mesh: at most one axis may be -1, got {dataclasses.asdict(self)}")
+            raise MeshError(f"mesh: at most one axis may be -1, got {dataclasses.asdict(self)}; give the "
+                            "other axes explicit sizes")
         for name, s in zip(MESH_AXES, sizes):
             if s != -1 and s < 1:
-                raise ValueError(f"mesh.{name} must be a positive integer or -1, got {s}")
+                raise MeshError(f"mesh.{name} must be a positive integer or -1, got {s}")
         known = math.prod(s for s in sizes if s != -1)
+        if known > num_devices:
+            raise MeshError(
+                f"mesh asks for {known} devices ({' x '.join(f'{n}={s}' for n, s in zip(MESH_AXES, sizes) if s != -1)})"
+                f" but only {num_devices} are present; lower the mesh sizes, or set one axis to -1 to use the "
+                "devices there are")
         if unknown:
             if num_devices % known:
-                raise ValueError(
+                raise MeshError(
                     f"mesh: {num_devices} devices cannot be split into {dataclasses.asdict(self)}; "
                     f"the fixed axes multiply to {known}, which does not divide {num_devices}")
             sizes[unknown[0]] = num_devices // known
         if math.prod(sizes) != num_devices:
-            raise ValueError(
+            raise MeshError(
                 f"mesh: data*fsdp*tensor = {math.prod(sizes)} but {num_devices} devices are available; "
                 "set one axis to -1 to use them all")
         return tuple(sizes)  # type: ignore[return-value]
@@ -99,7 +108,7 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | No
       cfg: axis sizes; one may be -1.
       devices: defaults to ``jax.devices()`` (all processes' devices in multi-host runs).
     Raises:
-      ValueError: the sizes do not multiply to the number of devices.
+      MeshError: (a ValueError) the sizes do not multiply to the number of devices.
     """
     devices = list(jax.devices() if devices is None else devices)
     shape = cfg.shape(len(devices))
@@ -217,13 +226,46 @@ def place_batch(batch: Any, mesh: Mesh) -> Any:
                                                                          np.asarray(v)), batch)
 
 
+def place_global_batch(batch: Any, mesh: Mesh) -> Any:
+    """Like :func:`place_batch` for a batch that every process holds whole (the same rows on each, e.g. a
+    replicated held-out set): the global leading size is the batch's own, each device takes its rows.
+    With one process it is :func:`place_batch`.
+
+    Args:
+      batch: a pytree of arrays, identical on every process, leading axis = the global rows.
+    """
+    return jax.tree.map(lambda v: jax.make_array_from_process_local_data(
+        batch_sharding(mesh, np.ndim(v)), np.asarray(v), np.shape(v)), batch)
+
+
 def check_batch_divisible(batch_size: int, mesh: Mesh, field: str = "data.batch_size") -> None:
-    """Raise ``ValueError`` before any compute if the batch does not split over the data axes."""
+    """Raise :class:`~jaxrlhf.errors.MeshError` (a ValueError) before any compute if the batch does not
+    split over the data axes."""
     n = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch_size % n:
-        raise ValueError(
+        raise MeshError(
             f"{field}={batch_size} is not divisible by mesh data*fsdp = {n} "
             f"(mesh {dict(mesh.shape)}); choose a multiple of {n} or change the mesh")
+
+
+def check_heads_divisible(model_cfg: Any, mesh: Mesh) -> None:
+    """Raise :class:`~jaxrlhf.errors.MeshError` (a ValueError) before anything is compiled when the mesh's
+    ``tensor`` axis does not divide the model's attention heads (``model_cfg.num_heads`` and
+    ``num_kv_heads``): tensor parallelism splits the heads (``LOGICAL_RULES``), and a dimension the axis
+    does not divide would silently stay replicated. The message lists the tensor sizes that work (the
+    divisors of ``gcd(num_heads, num_kv_heads)``)."""
+    t = mesh.shape["tensor"]
+    heads = getattr(model_cfg, "num_heads", None)
+    if t == 1 or heads is None:
+        return
+    kv = getattr(model_cfg, "num_kv_heads", None) or heads
+    bad = [f"{name}={n}" for name, n in (("num_heads", heads), ("num_kv_heads", kv)) if n % t]
+    if bad:
+        g = math.gcd(heads, kv)
+        fits = [d for d in range(1, g + 1) if g % d == 0]
+        raise MeshError(f"mesh.tensor={t} does not divide the model's {' and '.join(bad)}: tensor parallelism "
+                        f"splits the attention heads; use mesh.tensor in {fits} and put the other devices on "
+                        "mesh.data or mesh.fsdp")
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -242,3 +284,42 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
         for a in spec])
     spec = _divisible(x.shape, spec, mesh)  # type: ignore[arg-type]
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+def _mesh_axes(rule: Any, mesh: Any) -> tuple[str, ...]:
+    """The physical axes of one rules-table entry that ``mesh`` has with size > 1."""
+    axes = (rule,) if isinstance(rule, str) else tuple(rule or ())
+    return tuple(a for a in axes if a in mesh.axis_names and mesh.shape[a] > 1)
+
+
+def embed_lookup(table_VD: jax.Array, ids: jax.Array) -> jax.Array:
+    """``table_VD[ids]``: rows of an embedding table, ``[V, D]`` gathered by integer ``ids [...]`` into
+    ``[..., D]`` (``jnp.take`` along axis 0, same dtype as the table), laid out so that XLA's SPMD
+    partitioner never has to replicate the result.
+
+    The table is a parameter: its ``embed`` axis is split over ``fsdp`` (``LOGICAL_RULES``), so a plain
+    gather yields activations with ``D`` split over ``fsdp``, while activations want their batch split over
+    ``(data, fsdp)`` and ``D`` whole (``ACTIVATION_RULES``). With ``data > 1`` and ``fsdp > 1`` no single
+    collective goes from the one layout to the other, and XLA prints "Involuntary full rematerialization"
+    (it all-gathers the whole ``[B, T, D]`` on every device and slices it again, forward and backward).
+    Here the ids are split over the batch axes that the table's ``embed`` does not use (``data``), the
+    gather's output is pinned to ``[batch over data, ..., D over fsdp]``, and the next
+    :func:`constrain` to the activation layout is one all-to-all within each ``fsdp`` group (its
+    transpose in the backward pass likewise). Outside ``jax.set_mesh`` (or when ``fsdp`` is 1) this is
+    ``jnp.take(table_VD, ids, axis=0)``.
+    """
+    import jax.numpy as jnp
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or jnp.ndim(ids) == 0:
+        return jnp.take(table_VD, ids, axis=0)
+    embed = _mesh_axes(LOGICAL_RULES["embed"], mesh)
+    if not embed or table_VD.shape[-1] % math.prod(mesh.shape[a] for a in embed):
+        return jnp.take(table_VD, ids, axis=0)
+    batch = tuple(a for a in _mesh_axes(ACTIVATION_RULES["batch"], mesh) if a not in embed)
+    lead = None if not batch else batch[0] if len(batch) == 1 else batch
+    rest = (None,) * (ids.ndim - 1)
+    ids = jax.lax.with_sharding_constraint(ids, _divisible(ids.shape, PartitionSpec(lead, *rest), mesh))
+    out = jnp.take(table_VD, ids, axis=0)
+    spec = PartitionSpec(lead, *rest, embed[0] if len(embed) == 1 else embed)
+    return jax.lax.with_sharding_constraint(out, _divisible(out.shape, spec, mesh))

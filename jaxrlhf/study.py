@@ -58,6 +58,8 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from jaxrlhf.errors import JaxrlhfError, Preempted, StudyError, report_error
+
 __all__ = [
     "Stage", "Arm", "Study", "StudyResult", "expand_grid", "arm_run_dir", "run_study", "study_main",
     "CompilationCounter", "setup_compilation_cache", "environment_record",
@@ -114,6 +116,9 @@ class Study:
     done; they exist to resume an interrupted arm, and a 135M-parameter PPO state with its critic and
     AdamW moments is ~2 GB per checkpoint, so 20 arms would fill a disk). The arm's metrics, samples,
     config, TensorBoard logs and status stay.
+
+    ``report_metrics``: the eval metrics of the report's table (default: the policy-evaluation metrics,
+    :data:`jaxrlhf.study_report.DEFAULT_METRICS`).
     """
 
     name: str
@@ -121,6 +126,7 @@ class Study:
     arms: tuple[Arm, ...]
     root: str = "runs"
     keep_checkpoints: bool = False
+    report_metrics: tuple[str, ...] = ()
 
     @property
     def dir(self) -> pathlib.Path:
@@ -159,13 +165,13 @@ def expand_grid(method: str, base_hparams: dict, sweep: dict[str, list], seeds: 
 
     Names read ``<method>-<key><value>...-s<seed>`` over the swept keys only (``dpo-beta0.1-s0``); each
     arm's hparams are ``{**base_hparams, **combination}`` (a swept key overrides a base key). Raises
-    ValueError when ``seeds`` or a sweep list is empty.
+    :class:`~jaxrlhf.errors.StudyError` (a ValueError) when ``seeds`` or a sweep list is empty.
     """
     if not seeds:
-        raise ValueError(f"expand_grid({method!r}): seeds is empty; pass e.g. seeds=[0, 1]")
+        raise StudyError(f"expand_grid({method!r}): seeds is empty; pass e.g. seeds=[0, 1]")
     for k, vals in sweep.items():
         if not list(vals):
-            raise ValueError(f"expand_grid({method!r}): sweep[{k!r}] is empty; give at least one value")
+            raise StudyError(f"expand_grid({method!r}): sweep[{k!r}] is empty; give at least one value")
     keys = list(sweep)
     arms = []
     for seed in seeds:
@@ -222,7 +228,26 @@ def _read_json(path: pathlib.Path) -> dict | None:
         return None
 
 
+def _main_process() -> bool:
+    """Whether this process writes the study's files: with several processes (``jax.distributed``) each
+    runs the same stages and arms and process 0 alone writes; always True with one."""
+    jax = sys.modules.get("jax")
+    return jax is None or jax.process_index() == 0
+
+
+def _barrier(name: str) -> None:
+    """With several processes, wait until every one reaches ``name`` (so that none reads a study file that
+    process 0 is about to write or move); nothing with one process."""
+    jax = sys.modules.get("jax")
+    if jax is not None and jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def _write_json(path: pathlib.Path, obj: dict) -> None:
+    if not _main_process():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
@@ -314,19 +339,19 @@ def _check_study(study: Study) -> None:
     seen: set[str] = set()
     for st in study.stages:
         if st.name in seen or not st.name or _slug(st.name) != st.name:
-            raise ValueError(f"stage name {st.name!r} is empty, repeated or not a plain folder name")
+            raise StudyError(f"stage name {st.name!r} is empty, repeated or not a plain folder name")
         for d in st.deps:
             if d not in seen:
-                raise ValueError(f"stage {st.name!r} depends on {d!r}, which is not an earlier stage")
+                raise StudyError(f"stage {st.name!r} depends on {d!r}, which is not an earlier stage")
         try:
             json.dumps(st.config)
         except TypeError as e:
-            raise ValueError(f"stage {st.name!r}: config is not JSON-able ({e}); use plain values") from None
+            raise StudyError(f"stage {st.name!r}: config is not JSON-able ({e}); use plain values") from None
         seen.add(st.name)
     names = [a.name for a in study.arms]
     for a in study.arms:
         if not a.name or _slug(a.name) != a.name or names.count(a.name) > 1:
-            raise ValueError(f"arm name {a.name!r} is empty, repeated or not a plain folder name")
+            raise StudyError(f"arm name {a.name!r} is empty, repeated or not a plain folder name")
 
 
 def _stage_hashes(study: Study) -> dict[str, str]:
@@ -338,8 +363,8 @@ def _stage_hashes(study: Study) -> dict[str, str]:
 
 def _move_stale(folder: pathlib.Path, study_dir: pathlib.Path, old_hash: str | None) -> None:
     """Move a non-empty ``folder`` to ``study_dir/stale/<name>-<hash8>-<time>`` (a fresh run needs it
-    empty; nothing is deleted)."""
-    if folder.exists() and any(folder.iterdir()):
+    empty; nothing is deleted). Process 0 only (:func:`_main_process`)."""
+    if _main_process() and folder.exists() and any(folder.iterdir()):
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
         dest = study_dir / "stale" / f"{folder.name}-{(old_hash or 'nohash')[:8]}-{stamp}"
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -363,12 +388,12 @@ def arm_action(arm_dir: pathlib.Path, config_hash: str | None) -> str:
 
 def select_arms(arms: Sequence[Arm], only: Sequence[str] | None) -> list[Arm]:
     """Arms whose name matches any fnmatch pattern of ``only`` (all when ``only`` is None/empty); a pattern
-    that matches nothing raises ValueError listing the arm names."""
+    that matches nothing raises :class:`~jaxrlhf.errors.StudyError` (a ValueError) listing the arm names."""
     if not only:
         return list(arms)
     for pat in only:
         if not any(fnmatch.fnmatchcase(a.name, pat) for a in arms):
-            raise ValueError(f"--only {pat!r} matches no arm; arms: {', '.join(a.name for a in arms)}")
+            raise StudyError(f"--only {pat!r} matches no arm; arms: {', '.join(a.name for a in arms)}")
     return [a for a in arms if any(fnmatch.fnmatchcase(a.name, p) for p in only)]
 
 
@@ -425,7 +450,8 @@ def run_study(study: Study, *, run_arm: Callable[[Any, bool], dict], only: Seque
       a :class:`StudyResult`. An arm that raises is recorded failed and the others still run;
       KeyboardInterrupt propagates (the arm stays ``running`` and is resumed next time).
     Raises:
-      ValueError: a malformed study (see ``_check_study``) or an ``only`` pattern matching no arm.
+      StudyError: (a ValueError) a malformed study (see ``_check_study``) or an ``only`` pattern matching
+        no arm.
       Whatever a stage raises: a stage failure stops the study (the arms need its outputs).
     """
     _check_study(study)
@@ -441,6 +467,7 @@ def run_study(study: Study, *, run_arm: Callable[[Any, bool], dict], only: Seque
     hashes = _stage_hashes(study)
     stage_done = {st.name: (_read_json(study_dir / "stages" / st.name / "done.json") or {}).get("hash")
                   == hashes[st.name] for st in study.stages}
+    _barrier("jaxrlhf study: stages read")
     total = sum(st.cost for st in study.stages if not stage_done[st.name]) + sum(a.cost for a in selected)
     bar = tqdm(total=total, desc=study.name, unit="cost", disable=not progress, dynamic_ncols=True)
     stage_actions, outputs = {}, {}
@@ -454,6 +481,7 @@ def run_study(study: Study, *, run_arm: Callable[[Any, bool], dict], only: Seque
                 continue
             stage_actions[st.name] = "run"
             _move_stale(folder, study_dir, (_read_json(folder / "done.json") or {}).get("hash"))
+            _barrier(f"jaxrlhf study: stage {st.name}")
             folder.mkdir(parents=True, exist_ok=True)
             bar.set_postfix_str(f"stage {st.name}")
             t0 = time.perf_counter()
@@ -462,7 +490,7 @@ def run_study(study: Study, *, run_arm: Callable[[Any, bool], dict], only: Seque
             try:
                 outputs[st.name] = json.loads(json.dumps(out))
             except TypeError as e:
-                raise ValueError(f"stage {st.name!r} returned outputs that are not JSON-able: {e}") from None
+                raise StudyError(f"stage {st.name!r} returned outputs that are not JSON-able: {e}") from None
             _write_json(folder / "done.json", {
                 "stage": st.name, "hash": hashes[st.name], "config": st.config,
                 "deps": {d: hashes[d] for d in st.deps}, "outputs": outputs[st.name],
@@ -481,6 +509,7 @@ def run_study(study: Study, *, run_arm: Callable[[Any, bool], dict], only: Seque
         for a in selected:
             h = None if isinstance(configs[a.name], Exception) else configs[a.name][2]
             arm_actions[a.name] = arm_action(study_dir / "arms" / a.name, h)
+        _barrier("jaxrlhf study: arms read")
         bar.total = total - sum(a.cost for a in selected if arm_actions[a.name] == "skip")
         bar.refresh()
         statuses = {}
@@ -512,6 +541,7 @@ def _run_one_arm(study_dir: pathlib.Path, arm: Arm, config: tuple | Exception, a
               "group": arm.group_label, "status": "running", "config_hash": config_hash,
               "resumed": action == "resume", "started": _now()}
     _write_json(status_path, status)
+    _barrier(f"jaxrlhf study: arm {arm.name}")
     t0 = time.perf_counter()
     counter = CompilationCounter()
     try:
@@ -524,9 +554,14 @@ def _run_one_arm(study_dir: pathlib.Path, arm: Arm, config: tuple | Exception, a
             raise ValueError(f"arm {arm.name} wrote its run to {run_dir}, not {arm_dir}: its make_config must "
                              "set the run folder from outputs['_arm_dir'] (see jaxrlhf.study)")
         status.update(status="done", summary=_jsonable(summary or {}))
-        if not keep_checkpoints and (arm_dir / "checkpoints").exists():
+        _barrier(f"jaxrlhf study: arm {arm.name} done")
+        if not keep_checkpoints and (arm_dir / "checkpoints").exists() and _main_process():
             shutil.rmtree(arm_dir / "checkpoints")
             status["checkpoints_removed"] = True
+    except Preempted as e:  # SIGTERM: the arm saved its checkpoint; the study stops and resumes it next time
+        status.update(status="preempted", error=str(e), finished=_now(), wall_s=round(time.perf_counter() - t0, 3))
+        _write_json(status_path, status)
+        raise
     except Exception as e:  # noqa: BLE001 -- a failed arm is recorded and the study goes on
         status.update(status="failed", error_type=type(e).__name__, error=str(e),
                       traceback=traceback.format_exc())
@@ -560,12 +595,17 @@ def study_record(study: Study, hashes: dict[str, str], configs: dict[str, tuple]
 
 def study_main(argv: Sequence[str], load_study: Callable[[str, str | None], Study],
                run_arm: Callable[[Any, bool], dict], *, to_dict: Callable[[Any], dict] = default_to_dict,
-               write_report: Callable[[pathlib.Path], pathlib.Path] | None = None) -> int:
-    """``jaxrlhf study FILE [--arg X] [--only PATTERN ...] [--dry-run] [--report-only] [--no-progress]``.
+               write_report: Callable[[pathlib.Path], pathlib.Path] | None = None, debug: bool = False) -> int:
+    """``jaxrlhf study FILE [--arg X] [--only PATTERN ...] [--dry-run] [--report-only] [--no-progress] [--debug]``.
 
     ``load_study(path, arg) -> Study``; ``run_arm`` as in :func:`run_study`; ``write_report(study_dir)``
     defaults to :func:`jaxrlhf.study_report.write_study_report`. Writes the report after a run (and only
-    that with ``--report-only``). Returns 0, 1 if any selected arm failed, 2 on a bad study/pattern.
+    that with ``--report-only``). A failing arm is recorded and the others go on; a known error of the
+    study itself (a :class:`~jaxrlhf.errors.JaxrlhfError`: a malformed study, a missing file, a stage's bad
+    input) prints one line ``<kind> error: <message>`` (with its traceback when ``debug`` or ``--debug``).
+    Returns 0, 1 if any selected arm failed, 2 on a known error of the study
+    (:data:`~jaxrlhf.errors.EXIT_USER_ERROR`), 143 when an arm was preempted
+    (:data:`~jaxrlhf.errors.EXIT_PREEMPTED`). Any other exception propagates with its traceback.
     """
     p = argparse.ArgumentParser(prog="jaxrlhf study", description="run a study: stages, then arms x seeds")
     p.add_argument("file", help="study file exposing the Study (see jaxrlhf.study)")
@@ -575,23 +615,29 @@ def study_main(argv: Sequence[str], load_study: Callable[[str, str | None], Stud
     p.add_argument("--dry-run", action="store_true", help="print the grid and what would run; run nothing")
     p.add_argument("--report-only", action="store_true", help="rewrite report.md from what is on disk")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="print the traceback of a known error too")
     args = p.parse_args(list(argv))
-    if write_report is None:
-        from jaxrlhf.study_report import write_study_report as write_report
+    debug = debug or args.debug
     try:
         study = load_study(args.file, args.arg)
+        if write_report is None:
+            from jaxrlhf.study_report import DEFAULT_METRICS, write_study_report
+
+            metrics = tuple(study.report_metrics) or DEFAULT_METRICS
+            write_report = lambda d: write_study_report(d, metrics=metrics)  # noqa: E731
         if args.report_only:
             if not (study.dir / "study.json").exists():
-                raise ValueError(f"{study.dir / 'study.json'} not found: run the study first")
+                raise StudyError(f"{study.dir / 'study.json'} not found: run the study first")
             print(f"report written to {write_report(study.dir)}")
             return 0
         result = run_study(study, run_arm=run_arm, only=args.only, dry_run=args.dry_run,
                            progress=not args.no_progress, to_dict=to_dict)
-    except ValueError as e:
-        print(f"study error: {e}", file=sys.stderr)
-        return 2
+    except JaxrlhfError as e:
+        return report_error(e, debug)
     if args.dry_run:
         return 0
+    if not _main_process():  # process 0 writes the report
+        return 1 if result.failed else 0
     path = write_report(result.study_dir)
     for name in result.failed:
         print(f"arm {name} FAILED: {result.statuses[name]['error_type']}: {result.statuses[name]['error']}",

@@ -32,7 +32,8 @@ __all__ = [
     "curve_series", "hacking_series", "sample_rows", "write_study_report",
 ]
 
-DEFAULT_METRICS = ("gold", "proxy", "vader", "kl", "win_rate", "length", "distinct_1", "distinct_2")
+DEFAULT_METRICS = ("gold", "proxy", "vader", "kl", "win_rate", "length", "distinct_1", "distinct_2",
+                   "safety_expected_max", "safety_flagged_rate")  # jaxrlhf.safety (when an arm logs them)
 
 
 def default_is_hacking(rec: dict) -> bool:

@@ -133,3 +133,49 @@ def test_a_checkpoint_that_dies_while_written_is_never_the_latest(tmp_path):
     ckpt.save(2, {"w": jnp.arange(4.0) + 1}, {"position": 2}, {})
     assert ckpt.latest_step() == 2
     ckpt.close()
+
+
+SFT_EXPERIMENT = '''
+from jaxrlhf import config as C
+
+
+def get_config(arg=None):
+    return C.ExperimentConfig(
+        name="preempted", model=C.ModelSpec(name={model!r}),
+        optim=C.OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant"),
+        data=C.DataConfig(source={data!r}, batch_size=8, max_length=48, max_prompt_length=24, eval_size=8,
+                          use_chat_template=False),
+        train=C.TrainConfig(steps=40, save_every=0, eval_every=0, num_samples=0, run_dir={runs!r}),
+        algo=C.SFTConfig())
+'''
+
+
+@pytest.mark.slow
+def test_jaxrlhf_run_stops_cleanly_on_sigterm_and_resumes(tiny_llama_folder, shared_assets, tmp_path):
+    """The command as a scheduler sees it: SIGTERM from outside while it trains -> exit 143 with one line and
+    no traceback, a checkpoint at the step it stopped; the same command with --resume finishes the run."""
+    import time
+
+    exp = tmp_path / "exp.py"
+    exp.write_text(SFT_EXPERIMENT.format(model=str(tiny_llama_folder), runs=str(tmp_path / "runs"),
+                                         data=str(shared_assets / "alpaca-seed-tasks" / "seed_tasks.jsonl")))
+    cmd = [sys.executable, "-m", "jaxrlhf.cli", "run", str(exp)]
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    metrics = tmp_path / "runs" / "preempted" / "metrics.jsonl"
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 900
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):  # eval row 0 + train step 1
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-3000:]
+    assert "preempted: SIGTERM received: saved checkpoint step" in err and "--resume" in err
+    assert "Traceback" not in err
+    saved = Checkpointer(tmp_path / "runs" / "preempted" / "checkpoints").latest_step()
+    assert 2 <= saved < 40
+    done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()
+             if json.loads(line)["split"] == "train"]
+    assert steps == list(range(1, 41))

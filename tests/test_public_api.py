@@ -25,24 +25,24 @@ HEAVY = ("torch", "tensorflow", "datasets", "transformers")
 
 # Every module of the package; a new module must be added here (and declare ``__all__``).
 PUBLIC_MODULES = [
-    "jaxrlhf",
+    "jaxrlhf", "jaxrlhf.abstention",
     "jaxrlhf.algos", "jaxrlhf.algos.dpo", "jaxrlhf.algos.dpo_losses", "jaxrlhf.algos.grpo", "jaxrlhf.algos.ppo",
     "jaxrlhf.algos.reward", "jaxrlhf.algos.rollout", "jaxrlhf.algos.sft",
-    "jaxrlhf.checkpoint", "jaxrlhf.cli", "jaxrlhf.config",
+    "jaxrlhf.checkpoint", "jaxrlhf.cli", "jaxrlhf.compile_stats", "jaxrlhf.config", "jaxrlhf.distributed",
     "jaxrlhf.data", "jaxrlhf.data.batching", "jaxrlhf.data.formats", "jaxrlhf.data.iterator", "jaxrlhf.data.sources",
     "jaxrlhf.data.tokenize",
     "jaxrlhf.drivers", "jaxrlhf.drivers.core", "jaxrlhf.drivers.dpo", "jaxrlhf.drivers.reward", "jaxrlhf.drivers.rl",
     "jaxrlhf.drivers.sft",
     "jaxrlhf.evaluate", "jaxrlhf.frontier", "jaxrlhf.generate", "jaxrlhf.host_memory", "jaxrlhf.kl_control",
-    "jaxrlhf.labeling",
+    "jaxrlhf.errors", "jaxrlhf.judge", "jaxrlhf.labeling",
     "jaxrlhf.loop", "jaxrlhf.losses",
     "jaxrlhf.models", "jaxrlhf.models.bert", "jaxrlhf.models.config", "jaxrlhf.models.gguf", "jaxrlhf.models.gpt2",
-    "jaxrlhf.models.heads", "jaxrlhf.models.hf", "jaxrlhf.models.hub", "jaxrlhf.models.layers",
+    "jaxrlhf.models.heads", "jaxrlhf.models.hf", "jaxrlhf.models.hub", "jaxrlhf.models.layers", "jaxrlhf.models.lora",
     "jaxrlhf.models.llama", "jaxrlhf.models.mixed_precision", "jaxrlhf.models.reward_model",
     "jaxrlhf.models.tensors",
     "jaxrlhf.ops", "jaxrlhf.ops.advantages", "jaxrlhf.ops.gae", "jaxrlhf.ops.kl", "jaxrlhf.ops.logprobs",
     "jaxrlhf.ops.masked",
-    "jaxrlhf.policy_eval", "jaxrlhf.report", "jaxrlhf.rewards", "jaxrlhf.sampling", "jaxrlhf.seeds",
+    "jaxrlhf.policy_eval", "jaxrlhf.report", "jaxrlhf.rewards", "jaxrlhf.safety", "jaxrlhf.sampling", "jaxrlhf.seeds",
     "jaxrlhf.sharding", "jaxrlhf.study", "jaxrlhf.study_report", "jaxrlhf.train_state",
 ]
 

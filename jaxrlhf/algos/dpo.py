@@ -46,6 +46,7 @@ from flax import nnx
 
 from jaxrlhf.algos.dpo_losses import PREFERENCE_LOSSES, SeqLogps
 from jaxrlhf.config import DPOConfig
+from jaxrlhf.models.lora import merge_model
 from jaxrlhf.ops import next_token_logprobs, sequence_logprobs
 from jaxrlhf.train_state import TrainState, gradient_step
 
@@ -62,7 +63,7 @@ def sequence_logps(graphdef: nnx.GraphDef, params: Any, batch: dict) -> SeqLogps
     example's two rows); ``logps[t] = log p(tokens[t] | tokens[<t])`` summed where ``completion_mask`` is 1
     (:func:`jaxrlhf.ops.next_token_logprobs`, :func:`jaxrlhf.ops.sequence_logprobs`).
     """
-    model = nnx.merge(graphdef, params)
+    model = merge_model(graphdef, params)
     tokens = batch["tokens"]
     lead, T = tokens.shape[:-1], tokens.shape[-1]
     flat = lambda x: x.reshape(-1, T)  # noqa: E731
@@ -128,7 +129,9 @@ def dpo_step(state: TrainState, batch: dict, ref_params: Any | None = None, *, g
         ``reference_logps`` float32 ``[B, 2]`` (``[B, N]``); ``B`` divisible by ``grad_accum_steps``.
       ref_params: frozen reference parameters, or None when the batch carries ``reference_logps`` or the
         loss is reference-free.
-      graphdef: the policy's ``nnx.GraphDef`` (static).
+      graphdef: the policy's ``nnx.GraphDef`` (static), or a LoRA :class:`~jaxrlhf.models.lora.BoundGraph`
+        (``state.params`` are then the adapters and ``ref_params`` the bound base itself: the policy with
+        its adapters disabled).
       tx: the optimizer.
       cfg: :class:`~jaxrlhf.config.DPOConfig` (``cfg.loss`` picks the member of ``PREFERENCE_LOSSES``).
       grad_accum_steps: micro-batches per step.

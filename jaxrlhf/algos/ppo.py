@@ -48,6 +48,7 @@ from jaxrlhf.algos.rollout import (LM_KEYS, RLAlgorithm, advantage_metrics, aggr
 from jaxrlhf.config import PPOConfig
 from jaxrlhf.losses import ppo_policy_loss, ppo_value_loss
 from jaxrlhf.models.heads import ScalarHead
+from jaxrlhf.models.lora import merge_model
 from jaxrlhf.ops import gae, kl_penalty, masked_aggregate, masked_mean, masked_whiten
 from jaxrlhf.train_state import TrainState
 
@@ -91,7 +92,7 @@ def policy_and_values(params: dict, lm: dict, *, graphs: PPOGraphs, critic: str,
     if critic == "shared":
         hidden = out.hidden_BTD
     else:
-        hidden = nnx.merge(graphs.policy, params["critic"])(lm["tokens"], lm["positions"], lm["segment_ids"]).hidden_BTD
+        hidden = merge_model(graphs.policy, params["critic"])(lm["tokens"], lm["positions"], lm["segment_ids"]).hidden_BTD
     head = nnx.merge(graphs.value_head, params["value_head"])
     values = shift_values(head(hidden))
     return logps, jnp.where(lm["completion_mask"] > 0, values, 0.0), out.logits_BTV

@@ -37,6 +37,7 @@ from flax import nnx
 
 from jaxrlhf.config import RewardConfig
 from jaxrlhf.losses import bradley_terry_loss, classification_loss, ranking_loss
+from jaxrlhf.models.lora import merge_model
 from jaxrlhf.models.reward_model import RewardModel
 from jaxrlhf.train_state import TrainState, gradient_step
 
@@ -112,7 +113,7 @@ OBJECTIVES: dict[str, Callable] = {
 
 def reward_loss(params, batch: dict, *, graphdef: nnx.GraphDef, stats: Any, cfg: RewardConfig):
     """``(loss_sum, (normaliser, metrics))`` for :func:`gradient_step` (the objective of ``cfg``)."""
-    model = nnx.merge(graphdef, params, stats)
+    model = merge_model(graphdef, params, stats)
     return OBJECTIVES[cfg.objective](model, batch, cfg)
 
 
@@ -128,7 +129,8 @@ def reward_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef, tx: o
       batch: by ``cfg.objective``: ``pairwise`` LM keys ``[B, 2, T]`` (0 = chosen; optional ``margin``
         float32 ``[B]``); ``ranking`` LM keys ``[B, N, T]`` + ``ranks`` int32 ``[B, N]``; ``classification``
         LM keys ``[B, T]`` + ``labels`` int32 ``[B]``. ``B`` divisible by ``grad_accum_steps``.
-      graphdef: the reward model's ``nnx.GraphDef`` (static).
+      graphdef: the reward model's ``nnx.GraphDef`` (static), or a LoRA
+        :class:`~jaxrlhf.models.lora.BoundGraph` (``state.params``: adapters + head).
       tx: the optimizer.
       cfg: :class:`~jaxrlhf.config.RewardConfig`.
       grad_accum_steps: micro-batches per step.

@@ -33,6 +33,7 @@ from flax import nnx
 
 from jaxrlhf.kl_control import adaptive_kl_update, init_kl_controller
 from jaxrlhf.models.heads import last_token_index
+from jaxrlhf.models.lora import merge_model
 from jaxrlhf.ops import entropy_from_logits, kl_k1, masked_mean, masked_var, next_token_logprobs
 from jaxrlhf.sampling import SamplingConfig
 from jaxrlhf.sharding import constrain
@@ -72,7 +73,7 @@ def sampling_config(rollout, eos_token_ids: tuple[int, ...], pad_token_id: int) 
 def token_logps(graphdef: nnx.GraphDef, params: Any, lm: dict, temperature: float):
     """One forward pass: ``(logps_BS, out)`` with ``logps[:, t] = log softmax(logits[:, t-1] / τ)[tokens[t]]``
     (0 where ``completion_mask`` is 0) and the model output (``logits_BTV``, ``hidden_BTD``)."""
-    model = nnx.merge(graphdef, params)
+    model = merge_model(graphdef, params)  # graphdef may be a LoRA BoundGraph
     out = model(lm["tokens"], lm["positions"], lm["segment_ids"])
     logps = next_token_logprobs(out.logits_BTV, lm["tokens"], temperature)
     return jnp.where(lm["completion_mask"] > 0, logps, 0.0), out

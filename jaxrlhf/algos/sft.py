@@ -13,6 +13,7 @@ import optax
 from flax import nnx
 
 from jaxrlhf.config import SFTConfig
+from jaxrlhf.models.lora import merge_model
 from jaxrlhf.ops import next_token_logprobs
 from jaxrlhf.train_state import TrainState, gradient_step
 
@@ -40,7 +41,7 @@ def sft_loss(params, batch: dict, *, graphdef: nnx.GraphDef, cfg: SFTConfig):
     Args:
       batch: ``tokens``/``positions``/``segment_ids`` int32 ``[B, T]``, ``completion_mask`` f32 ``[B, T]``.
     """
-    model = nnx.merge(graphdef, params)
+    model = merge_model(graphdef, params)
     out = model(batch["tokens"], batch["positions"], batch["segment_ids"])
     losses_BT = sft_token_losses(out.logits_BTV, batch["tokens"], cfg.label_smoothing)
     mask_BT = batch["completion_mask"].astype(jnp.float32)
@@ -57,7 +58,8 @@ def sft_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef, tx: opta
       state: the policy's :class:`TrainState` (``params`` = the model's ``nnx.State``).
       batch: LM batch: ``tokens``/``positions``/``segment_ids`` int32 ``[B, T]``, ``completion_mask`` float32
         ``[B, T]``; ``B`` divisible by ``grad_accum_steps``.
-      graphdef: the model's ``nnx.GraphDef`` (static).
+      graphdef: the model's ``nnx.GraphDef`` (static), or a LoRA :class:`~jaxrlhf.models.lora.BoundGraph`
+        (``state.params`` are then the adapters).
       tx: the optimizer (:func:`jaxrlhf.train_state.make_optimizer`).
       cfg: :class:`~jaxrlhf.config.SFTConfig` (``label_smoothing``).
       grad_accum_steps: micro-batches per step (exact accumulation).

@@ -11,8 +11,9 @@ Canonical examples:
 A prompt is either a plain string or a list of ``{"role", "content"}`` messages. Responses are strings.
 
 Each ``*_examples(rows, format="auto")`` function detects the row format from the keys present (or
-takes an explicit ``format=``) and raises ``ValueError`` naming the missing field, the row index and
-the accepted formats when a row does not fit.
+takes an explicit ``format=``) and raises :class:`~jaxrlhf.errors.DataError` (a ``ValueError``) naming
+the missing or empty field, the row index and the accepted formats when a row does not fit. The row index
+counts the rows given (for a run: the training or held-out rows after ``data.eval_size``/``data.limit``).
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ import os
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal, Union
+
+from jaxrlhf.errors import DataError
 
 __all__ = [
     "Message",
@@ -109,8 +112,8 @@ class PromptExample:
 # ----------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------
-def _missing(kind: str, index: int, field: str, accepted: str, extra: str = "") -> ValueError:
-    return ValueError(f"row {index} has no {field!r}; {kind} rows need {accepted}{extra}")
+def _missing(kind: str, index: int, field: str, accepted: str, extra: str = "") -> DataError:
+    return DataError(f"row {index} has no {field!r}; {kind} rows need {accepted}{extra}")
 
 
 def _require(row: Mapping[str, Any], field: str, index: int, kind: str, accepted: str) -> Any:
@@ -121,11 +124,11 @@ def _require(row: Mapping[str, Any], field: str, index: int, kind: str, accepted
 
 def _check_messages(messages: Any, index: int, field: str) -> list[Message]:
     if not isinstance(messages, (list, tuple)) or not messages:
-        raise ValueError(f"row {index}: {field!r} must be a non-empty list of {{'role', 'content'}} messages")
+        raise DataError(f"row {index}: {field!r} must be a non-empty list of {{'role', 'content'}} messages")
     out = []
     for j, m in enumerate(messages):
         if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
-            raise ValueError(
+            raise DataError(
                 f"row {index}: {field}[{j}] must be a dict with 'role' and 'content', got {m!r:.80}"
             )
         out.append({"role": str(m["role"]), "content": str(m["content"])})
@@ -137,12 +140,20 @@ def _check_prompt(prompt: Any, index: int, field: str = "prompt") -> Prompt:
         return prompt
     if isinstance(prompt, (list, tuple)):
         return _check_messages(prompt, index, field)
-    raise ValueError(f"row {index}: {field!r} must be a string or a list of messages, got {type(prompt).__name__}")
+    raise DataError(f"row {index}: {field!r} must be a string or a list of messages, got {type(prompt).__name__}")
 
 
 def _check_str(value: Any, index: int, field: str) -> str:
     if not isinstance(value, str):
-        raise ValueError(f"row {index}: {field!r} must be a string, got {type(value).__name__}")
+        raise DataError(f"row {index}: {field!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _not_empty(value: Any, index: int, field: str, row: Mapping[str, Any]) -> Any:
+    """``value`` unless it is an empty (or blank) string: then a DataError naming the row and the field."""
+    if isinstance(value, str) and not value.strip():
+        preview = {k: (v[:40] if isinstance(v, str) else v) for k, v in row.items()}
+        raise DataError(f"row {index}: {field!r} is empty; fill it in or remove the row (row: {str(preview)[:160]})")
     return value
 
 
@@ -151,7 +162,7 @@ def _split_last_assistant(messages: list[Message], index: int, field: str) -> tu
     for j in range(len(messages) - 1, -1, -1):
         if messages[j]["role"] == "assistant":
             return messages[:j], messages[j]["content"]
-    raise ValueError(f"row {index}: {field!r} has no message with role 'assistant' to use as the response")
+    raise DataError(f"row {index}: {field!r} has no message with role 'assistant' to use as the response")
 
 
 def prompt_to_messages(prompt: Prompt) -> list[Message]:
@@ -170,7 +181,7 @@ def hh_to_messages(text: str) -> list[Message]:
     turn, ready for ``add_generation_prompt=True``.
 
     Raises:
-      ValueError: the text does not start with a ``"\\n\\nHuman:"`` or ``"\\n\\nAssistant:"`` marker.
+      DataError: the text does not start with a ``"\\n\\nHuman:"`` or ``"\\n\\nAssistant:"`` marker.
     """
     markers = {HH_HUMAN: "user", HH_ASSISTANT: "assistant"}
     pos = 0
@@ -179,7 +190,7 @@ def hh_to_messages(text: str) -> list[Message]:
         if stripped.startswith(("Human:", "Assistant:")):
             text = "\n\n" + stripped
         else:
-            raise ValueError(f"HH dialogue must start with {HH_HUMAN!r}, got {text[:40]!r}")
+            raise DataError(f"HH dialogue must start with {HH_HUMAN!r}, got {text[:40]!r}")
     messages: list[Message] = []
     while pos < len(text):
         marker = HH_HUMAN if text.startswith(HH_HUMAN, pos) else HH_ASSISTANT
@@ -231,13 +242,13 @@ def split_hh_pair(
     ``"error"`` raises.
 
     Raises:
-      ValueError: a text has no ``"\\n\\nAssistant:"``; or the prefixes differ with ``on_mismatch="error"``
+      DataError: a text has no ``"\\n\\nAssistant:"``; or the prefixes differ with ``on_mismatch="error"``
         or have no common ``"\\n\\nAssistant:"``.
     """
     ic, ir = chosen.rfind(HH_ASSISTANT), rejected.rfind(HH_ASSISTANT)
     if ic < 0 or ir < 0:
         field = "chosen" if ic < 0 else "rejected"
-        raise ValueError(
+        raise DataError(
             f"row {index}: {field!r} has no {HH_ASSISTANT!r} turn; HH-RLHF rows need full dialogues "
             "'\\n\\nHuman: ...\\n\\nAssistant: ...' (or use {prompt, chosen, rejected})"
         )
@@ -245,14 +256,14 @@ def split_hh_pair(
     exact = chosen[:cut_c] == rejected[:cut_r]
     if not exact:
         if on_mismatch == "error":
-            raise ValueError(
+            raise DataError(
                 f"row {index}: chosen and rejected differ before their last {HH_ASSISTANT!r}; "
                 "the pair has no shared prompt (use on_mismatch='fallback' to split at the common prefix)"
             )
         common = os.path.commonprefix([chosen, rejected])
         k = common.rfind(HH_ASSISTANT)
         if k < 0:
-            raise ValueError(f"row {index}: chosen and rejected share no {HH_ASSISTANT!r} turn")
+            raise DataError(f"row {index}: chosen and rejected share no {HH_ASSISTANT!r} turn")
         cut_c = cut_r = k + len(HH_ASSISTANT)
     prompt = chosen[:cut_c]
     rest_c, rest_r = chosen[cut_c:], rejected[cut_r:]
@@ -268,7 +279,7 @@ def split_hh_pair(
 def _as_rows(rows: Iterable[Mapping[str, Any]]) -> Iterable[tuple[int, Mapping[str, Any]]]:
     for i, row in enumerate(rows):
         if not isinstance(row, Mapping):
-            raise ValueError(f"row {i} must be a dict of fields, got {type(row).__name__}")
+            raise DataError(f"row {i} must be a dict of fields, got {type(row).__name__}")
         yield i, row
 
 
@@ -320,12 +331,12 @@ def sft_example(
     it the prompt; later messages are ignored).
 
     Raises:
-      ValueError: a required field is missing (the message names the field, the row and the formats).
+      DataError: a required field is missing (the message names the field, the row and the formats).
     """
     fmt = _detect_sft(row) if format == "auto" else format
     kind = "SFT"
     if fmt == "":
-        raise ValueError(
+        raise DataError(
             f"row {index} has none of 'prompt', 'instruction' or 'messages'; {kind} rows need "
             f"{_SFT_ACCEPTED} (row keys: {sorted(row)})"
         )
@@ -346,21 +357,21 @@ def sft_example(
         instruction = _check_str(_require(row, "instruction", index, kind, _SFT_ACCEPTED), index, "instruction")
         inst = _require(row, "instances", index, kind, _SFT_ACCEPTED)
         if not isinstance(inst, (list, tuple)) or not inst:
-            raise ValueError(f"row {index}: 'instances' must be a non-empty list of {{input, output}}")
+            raise DataError(f"row {index}: 'instances' must be a non-empty list of {{input, output}}")
         chosen = inst if instances == "all" else inst[:1]
         out = []
         for j, item in enumerate(chosen):
             if not isinstance(item, Mapping) or "output" not in item:
-                raise ValueError(f"row {index} has no 'output' in instances[{j}]; {kind} rows need {_SFT_ACCEPTED}")
+                raise DataError(f"row {index} has no 'output' in instances[{j}]; {kind} rows need {_SFT_ACCEPTED}")
             out.append(SFTExample(_alpaca_prompt(instruction, item.get("input") or ""), str(item["output"])))
         return out
     if fmt == "messages":
         msgs = _check_messages(_require(row, "messages", index, kind, _SFT_ACCEPTED), index, "messages")
         prompt, response = _split_last_assistant(msgs, index, "messages")
         if not prompt:
-            raise ValueError(f"row {index}: 'messages' has no turn before the last assistant turn to use as prompt")
+            raise DataError(f"row {index}: 'messages' has no turn before the last assistant turn to use as prompt")
         return [SFTExample(prompt, response)]
-    raise ValueError(f"unknown SFT format {format!r}; use 'auto' or one of {SFTFormat.__args__[1:]}")
+    raise DataError(f"unknown SFT format {format!r}; use 'auto' or one of {SFTFormat.__args__[1:]}")
 
 
 def sft_examples(
@@ -369,7 +380,7 @@ def sft_examples(
     format: SFTFormat = "auto",
     instances: Literal["first", "all"] = "first",
 ) -> list[SFTExample]:
-    """Rows -> SFT examples (see :func:`sft_example`). Raises ``ValueError`` on the first bad row."""
+    """Rows -> SFT examples (see :func:`sft_example`). Raises ``DataError`` on the first bad row."""
     out: list[SFTExample] = []
     for i, row in _as_rows(rows):
         out.extend(sft_example(row, i, format=format, instances=instances))
@@ -392,7 +403,7 @@ def _response_text(value: Any, index: int, field: str) -> str:
     if isinstance(value, (list, tuple)):
         _, content = _split_last_assistant(_check_messages(value, index, field), index, field)
         return content
-    raise ValueError(f"row {index}: {field!r} must be a string or a list of messages, got {type(value).__name__}")
+    raise DataError(f"row {index}: {field!r} must be a string or a list of messages, got {type(value).__name__}")
 
 
 def preference_example(
@@ -416,7 +427,7 @@ def preference_example(
         before each one's last assistant turn and must be identical in both.
 
     Raises:
-      ValueError: a required field is missing (message names the field, row and formats), or the
+      DataError: a required field is missing (message names the field, row and formats), or the
         shared prompt of an HH / messages pair cannot be found.
     """
     kind = "preference"
@@ -430,9 +441,12 @@ def preference_example(
     else:
         fmt = format
     if fmt == "prompt_chosen_rejected":
-        prompt = _check_prompt(_require(row, "prompt", index, kind, _PREF_ACCEPTED), index)
+        prompt = _not_empty(_check_prompt(_require(row, "prompt", index, kind, _PREF_ACCEPTED), index), index,
+                            "prompt", row)
         chosen = _response_text(_require(row, "chosen", index, kind, _PREF_ACCEPTED), index, "chosen")
         rejected = _response_text(_require(row, "rejected", index, kind, _PREF_ACCEPTED), index, "rejected")
+        _not_empty(chosen, index, "chosen", row)
+        _not_empty(rejected, index, "rejected", row)
         return PreferenceExample(prompt, chosen, rejected), True
     if fmt == "hh":
         chosen = _check_str(_require(row, "chosen", index, kind, _PREF_ACCEPTED), index, "chosen")
@@ -448,14 +462,14 @@ def preference_example(
         pc, chosen = _split_last_assistant(c, index, "chosen")
         pr, rejected = _split_last_assistant(r, index, "rejected")
         if pc != pr:
-            raise ValueError(
+            raise DataError(
                 f"row {index}: 'chosen' and 'rejected' conversations differ before their last assistant turn; "
                 "give an explicit 'prompt' field"
             )
         if not pc:
-            raise ValueError(f"row {index}: 'chosen' has no turns before the assistant reply to use as prompt")
+            raise DataError(f"row {index}: 'chosen' has no turns before the assistant reply to use as prompt")
         return PreferenceExample(pc, chosen, rejected), True
-    raise ValueError(f"unknown preference format {format!r}; use 'auto' or one of {PreferenceFormat.__args__[1:]}")
+    raise DataError(f"unknown preference format {format!r}; use 'auto' or one of {PreferenceFormat.__args__[1:]}")
 
 
 def preference_examples(
@@ -513,14 +527,14 @@ def ranked_example(row: Mapping[str, Any], index: int = 0) -> RankedExample:
     """``{prompt, completions, ranking}`` (or ``scores``, higher = better) -> :class:`RankedExample`.
 
     Raises:
-      ValueError: missing field; ``ranking`` not the same length as ``completions``; negative or
+      DataError: missing field; ``ranking`` not the same length as ``completions``; negative or
         non-integer ranks.
     """
     kind = "ranked"
     prompt = _check_prompt(_require(row, "prompt", index, kind, _RANKED_ACCEPTED), index)
     comps = _require(row, "completions", index, kind, _RANKED_ACCEPTED)
     if not isinstance(comps, (list, tuple)) or not comps:
-        raise ValueError(f"row {index}: 'completions' must be a non-empty list of strings")
+        raise DataError(f"row {index}: 'completions' must be a non-empty list of strings")
     completions = [_response_text(c, index, f"completions[{j}]") for j, c in enumerate(comps)]
     if "ranking" in row and row["ranking"] is not None:
         raw = list(row["ranking"])
@@ -534,13 +548,13 @@ def ranked_example(row: Mapping[str, Any], index: int = 0) -> RankedExample:
     else:
         raise _missing(kind, index, "ranking", _RANKED_ACCEPTED)
     if len(raw) != len(completions):
-        raise ValueError(
+        raise DataError(
             f"row {index}: {field!r} has {len(raw)} entries but 'completions' has {len(completions)}"
         )
     ranks = []
     for r in raw:
         if isinstance(r, bool) or int(r) != r or r < 0:
-            raise ValueError(f"row {index}: {field!r} must hold non-negative integer ranks (0 = best), got {raw}")
+            raise DataError(f"row {index}: {field!r} must hold non-negative integer ranks (0 = best), got {raw}")
         ranks.append(int(r))
     return RankedExample(prompt, completions, ranks)
 
@@ -562,13 +576,13 @@ def classification_example(
     """``{text, label}`` -> :class:`ClassificationExample`.
 
     Raises:
-      ValueError: missing field or a non-integer label.
+      DataError: missing field or a non-integer label.
     """
     kind = "classification"
     text = _check_str(_require(row, text_field, index, kind, _CLS_ACCEPTED), index, text_field)
     label = _require(row, label_field, index, kind, _CLS_ACCEPTED)
     if isinstance(label, bool) or not isinstance(label, numbers.Integral):
-        raise ValueError(f"row {index}: {label_field!r} must be an integer class id, got {label!r}")
+        raise DataError(f"row {index}: {label_field!r} must be an integer class id, got {label!r}")
     return ClassificationExample(text, int(label))
 
 
@@ -585,7 +599,7 @@ def prompt_example(row: Mapping[str, Any], index: int = 0, *, field: str = "prom
     """``{prompt}`` (string or messages) -> :class:`PromptExample`; also accepts ``{messages}``.
 
     Raises:
-      ValueError: the field is missing.
+      DataError: the field is missing.
     """
     if not _has(row, field) and _has(row, "messages"):
         return PromptExample(_check_messages(row["messages"], index, "messages"))
@@ -604,10 +618,10 @@ def imdb_prefix(text: str, n_words: int = 8) -> str:
     re-joined with single spaces.
 
     Raises:
-      ValueError: ``n_words < 1``.
+      DataError: ``n_words < 1``.
     """
     if n_words < 1:
-        raise ValueError(f"n_words must be >= 1, got {n_words}")
+        raise DataError(f"n_words must be >= 1, got {n_words}")
     cleaned = text.replace("<br />", " ").replace("<br/>", " ").replace("<br>", " ")
     return " ".join(cleaned.split()[:n_words])
 
@@ -627,7 +641,7 @@ def imdb_prompt_examples(
     the review is shorter).
 
     Raises:
-      ValueError: a row has no ``text_field``.
+      DataError: a row has no ``text_field``.
     """
     rng = random.Random(seed)
     out = []

@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxrlhf.errors import DataError
+
 __all__ = ["BatchIterator", "train_eval_split"]
 
 
@@ -21,7 +23,9 @@ class BatchIterator:
 
     Multi-host: with ``process_count > 1`` each process gets the contiguous slice
     ``[process_index * b, (process_index + 1) * b)`` (``b = batch_size // process_count``) of every
-    global batch, so concatenating the processes' batches in process order gives the global batch.
+    global batch, so concatenating the processes' batches in process order gives the global batch. Only
+    the examples of that slice are read (``examples.fetch(indices)`` when the sequence has it, e.g.
+    :class:`jaxrlhf.distributed.ShardedExamples`, which tokenises just those rows).
 
     Args:
       examples: an indexable sequence (list, ``datasets.Dataset``, ...) of examples.
@@ -75,9 +79,9 @@ class BatchIterator:
         self.process_count = process_count
         self.batches_per_epoch = self.n // batch_size if drop_last else -(-self.n // batch_size)
         if self.batches_per_epoch == 0:
-            raise ValueError(
+            raise DataError(
                 f"{self.n} examples give no batch of batch_size={batch_size} with drop_last=True; "
-                "use fewer/smaller batches or drop_last=False"
+                "use more data or a smaller batch (data.batch_size), or drop_last=False"
             )
         self._epoch = 0
         self._index = 0
@@ -140,7 +144,8 @@ class BatchIterator:
             raise StopIteration
         idx = self.local_batch_indices(self._epoch, self._index)
         self._index += 1
-        return self.collate_fn([self.examples[int(i)] for i in idx])
+        fetch = getattr(self.examples, "fetch", None)  # e.g. jaxrlhf.distributed.ShardedExamples: one batched read
+        return self.collate_fn(fetch(idx) if callable(fetch) else [self.examples[int(i)] for i in idx])
 
 
 def train_eval_split(n: int, eval_size: int | float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -6,9 +6,14 @@ examples. Nothing here needs network access when given a local path.
 """
 from __future__ import annotations
 
+import gzip
+import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
+
+from jaxrlhf.errors import DataError, DataFileNotFoundError, JaxrlhfError
 
 if TYPE_CHECKING:  # `datasets` is imported where rows are loaded, so `import jaxrlhf.data` stays light
     import datasets
@@ -28,8 +33,10 @@ _BUILDERS = ("json", "parquet", "csv")
 _TFDS_PREFIX = "tfds:"
 
 
-class DatasetFetchError(ConnectionError):
+class DatasetFetchError(JaxrlhfError, ConnectionError):
     """A remote (Hub) dataset could not be fetched: offline, unreachable, or not found."""
+
+    kind = "data"
 
 
 def _suffix_builder(path: str) -> str | None:
@@ -57,7 +64,7 @@ def _files_in_dir(directory: str, split: str) -> tuple[str, list[str]]:
                 found.append(os.path.join(root, name))
     found.sort()
     if not found:
-        raise FileNotFoundError(
+        raise DataFileNotFoundError(
             f"directory {directory!r} holds no data files; expected one of {sorted(LOCAL_SUFFIXES)}"
         )
     # files whose name (or parent folder) starts with the split name, e.g. train.jsonl.gz, train-0001.parquet
@@ -69,7 +76,7 @@ def _files_in_dir(directory: str, split: str) -> tuple[str, list[str]]:
     chosen = by_split or found
     builders = {_suffix_builder(f) for f in chosen}
     if len(builders) != 1:
-        raise ValueError(
+        raise DataError(
             f"directory {directory!r} mixes file types {sorted(builders)} for split {split!r}; "
             "pass data_files=[...] with files of one type"
         )
@@ -79,31 +86,97 @@ def _files_in_dir(directory: str, split: str) -> tuple[str, list[str]]:
 def _load_local(source: str, split: str, data_files: Any, streaming: bool) -> datasets.Dataset:
     path = os.path.expanduser(source)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"local data path {path!r} does not exist")
+        raise DataFileNotFoundError(f"local data path {path!r} does not exist; check data.source (or the "
+                                    "working directory it is relative to)")
     if os.path.isdir(path):
         if data_files is not None:
             files = [data_files] if isinstance(data_files, str) else list(data_files)
             files = [f if os.path.isabs(f) else os.path.join(path, f) for f in files]
             for f in files:
                 if not os.path.exists(f):
-                    raise FileNotFoundError(f"local data path {f!r} does not exist")
+                    raise DataFileNotFoundError(f"local data path {f!r} does not exist")
             builders = {_suffix_builder(f) for f in files}
             if len(builders) != 1 or None in builders:
-                raise ValueError(f"data_files {files} must all be one of {sorted(LOCAL_SUFFIXES)}")
+                raise DataError(f"data_files {files} must all be one of {sorted(LOCAL_SUFFIXES)}")
             builder = builders.pop()
         else:
             builder, files = _files_in_dir(path, split)
     else:
         builder = _suffix_builder(path)
         if builder is None:
-            raise ValueError(
-                f"unknown file type for {path!r}; expected a name ending in one of {sorted(LOCAL_SUFFIXES)}"
+            raise DataError(
+                f"unknown file type for {path!r}; expected a name ending in one of {sorted(LOCAL_SUFFIXES)} "
+                "(convert it, or rename it if it already is one)"
             )
         files = [path]
     # The split name is only a label for local files.
     import datasets
 
-    return datasets.load_dataset(builder, data_files={split: files}, split=split, streaming=streaming)
+    for f in files:  # cheap: an empty file reads as a bare StopIteration or "corresponds to no data"
+        if os.path.getsize(f) == 0:
+            raise DataError(f"data file {f!r} is empty; give a file with at least one row")
+    builder_log = logging.getLogger("datasets.packaged_modules")  # logs the parse error it raises again
+    level = builder_log.level
+    builder_log.setLevel(logging.CRITICAL)
+    try:
+        rows = datasets.load_dataset(builder, data_files={split: files}, split=split, streaming=streaming)
+    except Exception as e:  # noqa: BLE001 -- re-checked below; an error we cannot explain is re-raised
+        for f in files:
+            problem = _check_local_file(f, builder)
+            if problem is not None:
+                raise problem from e
+        raise
+    finally:
+        builder_log.setLevel(level)
+    if not streaming and len(rows) == 0:
+        raise DataError(f"{path!r} holds no rows; give a file with at least one row")
+    return rows
+
+
+def _open_text(path: str):
+    return gzip.open(path, "rt", encoding="utf-8") if path.lower().endswith(".gz") else open(path, encoding="utf-8")
+
+
+def _check_local_file(path: str, builder: str | None = None) -> DataError | None:
+    """Why a local data file cannot be read, as a :class:`~jaxrlhf.errors.DataError` naming the file and
+    the line (None when no problem is found). Called only after ``datasets`` failed to read the file.
+
+    JSON files (``.json``/``.jsonl``, optionally ``.gz``): a whole-file JSON document (a list of rows, or
+    a dict) is fine; otherwise every non-blank line must be one JSON object (JSON Lines). Any file: not
+    UTF-8 text, or no rows at all (empty, blank lines, a CSV header only).
+    """
+    builder = builder or _suffix_builder(path)
+    if builder == "parquet":
+        return None
+    try:
+        with _open_text(path) as fh:
+            text = fh.read()
+    except (UnicodeDecodeError, OSError, EOFError) as e:
+        return DataError(f"data file {path!r} cannot be read as UTF-8 text ({type(e).__name__}: {e})")
+    lines = text.splitlines()
+    if builder == "csv":
+        if sum(1 for ln in lines if ln.strip()) <= 1:
+            return DataError(f"data file {path!r} holds no rows (a header line at most); add rows")
+        return None
+    if not text.strip():
+        return DataError(f"data file {path!r} holds no rows (it is empty or blank); give a file with at least one row")
+    try:
+        json.loads(text)
+        return None  # one JSON document: datasets failed for another reason
+    except json.JSONDecodeError:
+        pass
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            return DataError(f"{path}, line {number}: not valid JSON ({e.msg} at column {e.colno}): "
+                             f"{line.strip()[:80]!r}; fix or delete that line (JSON Lines: one object per line)")
+        if not isinstance(value, dict):
+            return DataError(f"{path}, line {number}: a JSON {type(value).__name__}, not an object; "
+                             "JSON Lines rows must be objects {\"field\": value, ...}")
+    return None
 
 
 def _tfds_record_to_python(value: Any) -> Any:
@@ -128,7 +201,7 @@ def _tfds_record_to_python(value: Any) -> Any:
 def _load_tfds(spec: str, split: str, config_name: str | None) -> datasets.Dataset:
     name = spec[len(_TFDS_PREFIX):].strip()
     if not name:
-        raise ValueError("tfds source needs a name: 'tfds:NAME' or 'tfds:NAME/CONFIG'")
+        raise DataError("tfds source needs a name: 'tfds:NAME' or 'tfds:NAME/CONFIG'")
     if config_name and "/" not in name:
         name = f"{name}/{config_name}"
     try:
@@ -176,12 +249,14 @@ def load_rows(
       ``datasets.Dataset`` of rows (``IterableDataset`` when streaming).
 
     Raises:
-      FileNotFoundError: a local path (or a name that looks like one) does not exist.
+      DataFileNotFoundError: (a FileNotFoundError) a local path (or a name that looks like one) does not
+        exist.
+      DataError: (a ValueError) unknown or mixed file types; an empty file or one with no rows; a JSON
+        Lines file with a line that is not a JSON object (the message gives ``file:line``).
       ImportError: a ``tfds:`` source without ``tensorflow_datasets`` installed
         (``pip install 'jaxrlhf[tfds]'``).
       DatasetFetchError: (a ``ConnectionError``) a Hub dataset could not be fetched (offline,
         unreachable or unknown id); the message says how to pass a local file instead.
-      ValueError: unknown file type or mixed file types.
     """
     import datasets
 

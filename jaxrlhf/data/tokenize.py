@@ -13,7 +13,9 @@ Truncation rules (:func:`truncate_pair`, used by every ``encode_*`` / ``tokenize
    with its index and reason; it is never silently lost.
 
 ``on_overflow`` chooses the policy: ``"truncate"`` (rules above), ``"drop"`` (any row that would
-need truncation is dropped and recorded instead) or ``"error"`` (raise ``ValueError`` naming the row).
+need truncation is dropped and recorded instead) or ``"error"`` (raise ``DataError`` naming the row).
+A dataset whose rows were *all* dropped for their length raises :class:`~jaxrlhf.errors.DataError` (a
+``ValueError``) naming the limits: nothing would be left to train on.
 
 End of response: with plain text the response ends with ``tokenizer.eos_token_id``. With a chat
 template the response is the rendered assistant turn up to and including the template's
@@ -34,6 +36,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 
 from jaxrlhf.data import formats as F
+from jaxrlhf.errors import DataError, ModelError
 
 __all__ = [
     "OnOverflow",
@@ -216,9 +219,9 @@ class _Encoder:
                 self.tok.apply_chat_template(F.prompt_to_messages(prompt), add_generation_prompt=True, tokenize=True)
             )
         if not isinstance(prompt, str):
-            raise ValueError(
+            raise DataError(
                 "prompt is a list of messages but no chat template is used; set use_chat_template=True "
-                "with a tokenizer that has a chat_template (or give string prompts)"
+                "(data.use_chat_template) with a tokenizer that has a chat_template (or give string prompts)"
             )
         ids = self.text(prompt, special=True)
         # drop a trailing EOS some post-processors append: the prompt must not end the sequence.
@@ -250,7 +253,7 @@ class _Encoder:
         if self.chat:
             return [self.response(p, pi, r, add_eos) for p, pi, r in zip(prompts, prompt_ids, responses)]
         if add_eos and self.eos is None:
-            raise ValueError("add_eos=True but the tokenizer has no eos_token_id; set eos_token or add_eos=False")
+            raise ModelError("add_eos=True but the tokenizer has no eos_token_id; set eos_token or add_eos=False")
         tail = [self.eos] if add_eos else []
         return [ids + tail for ids in self.texts(responses, special=False)]
 
@@ -267,7 +270,7 @@ class _Encoder:
         ids = self.text(response, special=False)
         if add_eos:
             if self.eos is None:
-                raise ValueError("add_eos=True but the tokenizer has no eos_token_id; set eos_token or add_eos=False")
+                raise ModelError("add_eos=True but the tokenizer has no eos_token_id; set eos_token or add_eos=False")
             ids = ids + [self.eos]
         return ids
 
@@ -281,7 +284,7 @@ def encode_prompt(tokenizer: Any, prompt: F.Prompt, use_chat_template: bool = Fa
     (BOS when the tokenizer adds one; a trailing EOS added by a post-processor is removed).
 
     Raises:
-      ValueError: a message-list prompt without a chat template.
+      DataError: a message-list prompt without a chat template.
     """
     return np.asarray(_Encoder(tokenizer, use_chat_template).prompt(prompt), np.int32)
 
@@ -311,7 +314,7 @@ def truncate_pair(
     ``None`` when the row is dropped (recorded in ``report`` when given).
 
     Raises:
-      ValueError: ``on_overflow="error"`` and the row needs truncation or cannot be kept (the message
+      DataError: ``on_overflow="error"`` and the row needs truncation or cannot be kept (the message
         names the row index and the lengths); bad ``max_length`` / policy.
     """
     if on_overflow not in _POLICIES:
@@ -333,7 +336,7 @@ def truncate_pair(
     if on_overflow == "error" and (cut_prompt or cut_resp or empty):
         longest = max((len(r) for r in resps), default=0)
         why = "has an empty response" if empty else "needs truncation"
-        raise ValueError(
+        raise DataError(
             f"row {index} {why}: prompt {n_prompt} tokens (max_prompt_length={max_prompt_length}), "
             f"longest response {longest} tokens, max_length={max_length}; raise the limits, or use "
             "on_overflow='truncate' or 'drop'"
@@ -375,7 +378,7 @@ def encode_pair(
     the right). Returns ``None`` when the row is dropped; pass ``report``/``index`` to record it.
 
     Raises:
-      ValueError: ``on_overflow="error"`` and the row needs truncation (names the row ``index``).
+      DataError: ``on_overflow="error"`` and the row needs truncation (names the row ``index``).
     """
     enc = _Encoder(tokenizer, use_chat_template)
     p = enc.prompt(prompt)
@@ -404,7 +407,7 @@ def encode_text(
     always EOS (a fixed pooling token for last-token classifiers). Counted as ``truncated_response``.
 
     Raises:
-      ValueError: ``on_overflow="error"`` and the text is too long or empty.
+      DataError: ``on_overflow="error"`` and the text is too long or empty.
     """
     enc = _Encoder(tokenizer, False)
     return _truncate_text(enc, enc.prompt(text), max_length, add_eos, on_overflow, report, index)
@@ -424,16 +427,16 @@ def _truncate_text(
     report = report if report is not None else TruncationReport()
     if add_eos:
         if enc.eos is None:
-            raise ValueError("add_eos=True but the tokenizer has no eos_token_id")
+            raise ModelError("add_eos=True but the tokenizer has no eos_token_id")
         ids = ids + [enc.eos]
     if not ids:
         if on_overflow == "error":
-            raise ValueError(f"row {index} has an empty text")
+            raise DataError(f"row {index} has an empty text")
         report.dropped.append((index, "empty_response"))
         return None
     if len(ids) > max_length:
         if on_overflow == "error":
-            raise ValueError(
+            raise DataError(
                 f"row {index} needs truncation: text {len(ids)} tokens > max_length={max_length}; raise "
                 "max_length or use on_overflow='truncate' or 'drop'"
             )
@@ -455,12 +458,26 @@ def _as_examples(items: Iterable[Any], example_type: type, convert) -> list[Any]
         return convert(items)
     for i, ex in enumerate(items):
         if not isinstance(ex, example_type):
-            raise ValueError(f"row {i} is a {type(ex).__name__}; expected a dict row or {example_type.__name__}")
+            raise DataError(f"row {i} is a {type(ex).__name__}; expected a dict row or {example_type.__name__}")
     return items
 
 
-def _finish(report: TruncationReport, name: str) -> None:
+_LENGTH_REASONS = ("no_room_for_response", "prompt_too_long", "too_long")
+
+
+def _finish(report: TruncationReport, name: str, *, max_length: int | None, max_prompt_length: int | None,
+            on_overflow: str) -> None:
+    """Log the report; raise DataError when every row was dropped and at least one for its length."""
     report.log(logger)
+    if report.kept == 0 and any(r in _LENGTH_REASONS for _, r in report.dropped):
+        reasons: dict[str, int] = {}
+        for _, r in report.dropped:
+            reasons[r] = reasons.get(r, 0) + 1
+        fix = ("raise data.max_length / data.max_prompt_length" if on_overflow == "truncate" else
+               "raise data.max_length / data.max_prompt_length, or set data.on_overflow='truncate' (cuts rows to fit)")
+        raise DataError(f"all {report.n_dropped} {name} rows were dropped by truncation {reasons} with "
+                        f"max_length={max_length}, max_prompt_length={max_prompt_length}, on_overflow={on_overflow!r}; "
+                        f"{fix}")
     logger.debug("%s tokenized", name)
 
 
@@ -493,7 +510,7 @@ def tokenize_sft_dataset(
                           on_overflow=on_overflow, report=report, index=i)
         if t is not None:
             out.append(SFTTokens(t[0], t[1][0]))
-    _finish(report, "sft")
+    _finish(report, "SFT", max_length=max_length, max_prompt_length=max_prompt_length, on_overflow=on_overflow)
     return out, report
 
 
@@ -529,7 +546,8 @@ def tokenize_preference_dataset(
                           on_overflow=on_overflow, report=report, index=i)
         if t is not None:
             out.append(PreferenceTokens(t[0], t[1][0], t[1][1]))
-    _finish(report, "preference")
+    _finish(report, "preference", max_length=max_length, max_prompt_length=max_prompt_length,
+            on_overflow=on_overflow)
     return out, report
 
 
@@ -555,7 +573,7 @@ def tokenize_ranked_dataset(
                           on_overflow=on_overflow, report=report, index=i)
         if t is not None:
             out.append(RankedTokens(t[0], t[1], list(ex.ranks)))
-    _finish(report, "ranked")
+    _finish(report, "ranked", max_length=max_length, max_prompt_length=max_prompt_length, on_overflow=on_overflow)
     return out, report
 
 
@@ -576,7 +594,7 @@ def tokenize_classification_dataset(
         ids = _truncate_text(enc, ids, max_length, add_eos, on_overflow, report, i)
         if ids is not None:
             out.append(ClassificationTokens(ids, int(ex.label)))
-    _finish(report, "classification")
+    _finish(report, "classification", max_length=max_length, max_prompt_length=None, on_overflow=on_overflow)
     return out, report
 
 
@@ -598,13 +616,14 @@ def tokenize_prompt_dataset(
     for i, p in enumerate(enc.prompt_many([ex.prompt for ex in examples])):
         if not p:
             if on_overflow == "error":
-                raise ValueError(f"row {i} has an empty prompt")
+                raise DataError(f"row {i} has an empty prompt")
             report.dropped.append((i, "empty_prompt"))
             continue
         if len(p) > max_prompt_length:
             if on_overflow == "error":
-                raise ValueError(
-                    f"row {i} needs truncation: prompt {len(p)} tokens > max_prompt_length={max_prompt_length}"
+                raise DataError(
+                    f"row {i} needs truncation: prompt {len(p)} tokens > max_prompt_length={max_prompt_length}; "
+                    "raise data.max_prompt_length, or use on_overflow='truncate' or 'drop'"
                 )
             if on_overflow == "drop":
                 report.dropped.append((i, "prompt_too_long"))
@@ -613,5 +632,5 @@ def tokenize_prompt_dataset(
             report.truncated_prompt += 1
         report.kept += 1
         out.append(np.asarray(p, np.int32))
-    _finish(report, "prompt")
+    _finish(report, "prompt", max_length=None, max_prompt_length=max_prompt_length, on_overflow=on_overflow)
     return out, report

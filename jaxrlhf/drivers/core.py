@@ -4,7 +4,7 @@ Every driver (:mod:`~jaxrlhf.drivers.sft`, :mod:`~jaxrlhf.drivers.reward`, :mod:
 :mod:`~jaxrlhf.drivers.rl`) is::
 
     run = start_run(cfg)                         # validate, mesh, runs/<name>/, config.json, checkpointer
-    policy = load_policy(cfg.model)              # the model, split for pure steps
+    policy = load_policy(cfg.model, run.mesh)    # the model (heads checked against the mesh), split
     train_rows, eval_rows = split_rows(cfg.data) # THE limit/split rule (below)
     ...                                          # the driver's own tokenisation, collate, step, eval
     state, sharding, position = init_or_restore(run, params, tx, resume)
@@ -19,7 +19,12 @@ The limit/split rule (:func:`split_rows`, the same for every driver): the held-o
 another source's rows when a driver has one; ``data.limit`` then draws a *seeded sample* of that many
 training rows (never the first N of a file: files are often sorted, e.g. IMDB by label).
 
-Config fields read here: ``cfg.name``, ``cfg.mesh``, ``cfg.model.{name,dtype,remat,allow_pickle}``,
+LoRA (``cfg.model.lora``): :func:`trainable` / :func:`policy_trainable` split the model into what the state
+trains (adapters, + heads) and the frozen base that every step receives as an argument; a driver uses the
+returned :class:`Trainable` for its state, step (``tr.step(step_fn)``, ``step_args=tr.step_args``), eval
+(``tr.model_params``) and export (``tr.merged``), each the identity without LoRA.
+
+Config fields read here: ``cfg.name``, ``cfg.mesh``, ``cfg.model.{name,dtype,remat,allow_pickle,lora}``,
 ``cfg.data.{source,split,eval_size,limit,seed,batch_size}``, ``cfg.optim.grad_accum_steps``,
 ``cfg.train.{run_dir,keep_checkpoints,steps,log_every,eval_every,save_every,stop_after,num_samples}``.
 """
@@ -35,17 +40,21 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jaxrlhf import compile_stats
 from jaxrlhf import config as C
 from jaxrlhf.checkpoint import Checkpointer, abstract_with_shardings
 from jaxrlhf.data.iterator import train_eval_split
 from jaxrlhf.data.tokenize import eos_ids_for, pad_id_for
+from jaxrlhf.distributed import host_copy
+from jaxrlhf.errors import CheckpointExistsError, DataError
 from jaxrlhf.loop import Hooks, RunDir, train_loop
-from jaxrlhf.sharding import check_batch_divisible, make_mesh
+from jaxrlhf.sharding import check_batch_divisible, check_heads_divisible, make_mesh
 from jaxrlhf.train_state import TrainState, init_sharded_state
 
 __all__ = [
     "Policy", "load_policy", "Run", "start_run", "init_or_restore", "split_rows", "greedy_samples",
-    "PolicyEval", "policy_eval_for", "Evaluation", "drive", "run_summary",
+    "PolicyEval", "policy_eval_for", "Evaluation", "drive", "run_summary", "Trainable", "trainable",
+    "policy_trainable",
 ]
 
 log = logging.getLogger("jaxrlhf")
@@ -64,17 +73,137 @@ class Policy:
     source: str
 
 
-def load_policy(spec: C.ModelSpec) -> Policy:
+def load_policy(spec: C.ModelSpec, mesh: jax.sharding.Mesh | None = None) -> Policy:
     """Load ``spec.name`` (short name, folder, .gguf or hub id) and apply the compute dtype, remat and
-    layer-loop unrolling."""
+    layer-loop unrolling.
+
+    Raises:
+      ModelError: the model cannot be loaded (see :func:`jaxrlhf.models.hub.load_pretrained`).
+      MeshError: ``mesh``'s tensor axis does not divide the model's heads
+        (:func:`jaxrlhf.sharding.check_heads_divisible`), checked before anything is compiled.
+    """
     from jaxrlhf.models.hub import load_pretrained
 
     pre = load_pretrained(spec.name, allow_pickle=spec.allow_pickle)
+    if mesh is not None:
+        check_heads_divisible(pre.cfg, mesh)
     model = pre.model
     model.cfg = pre.cfg.replace(dtype=spec.dtype, remat=spec.remat,  # static: lives in the graphdef
                                 scan_unroll=spec.scan_unroll)
     graphdef, params = nnx.split(model)
     return Policy(graphdef, params, model.cfg, pre.tokenizer, pre.source)
+
+
+@dataclasses.dataclass
+class Trainable:
+    """What a driver optimises: every weight (full fine-tuning) or LoRA adapters on frozen base weights
+    (``cfg.model.lora``, :mod:`jaxrlhf.models.lora`). Made by :func:`trainable` / :func:`policy_trainable`;
+    without LoRA every method below is the identity, so a full fine-tuning run is unchanged.
+
+    Attributes:
+      params: the train state's params: the model's ``nnx.State``, or with LoRA the adapters plus the
+        sub-trees trained in full (a reward model's head).
+      base: LoRA's frozen base params, placed on the mesh by the rules table (one copy; it is also the
+        reference model); None without LoRA.
+      lora: the :class:`~jaxrlhf.config.LoraConfig`, or None.
+      seed: seed of the adapters' dropout keys (``train.seed``).
+    """
+
+    params: Any
+    base: Any = None
+    lora: Any = None
+    seed: int = 0
+
+    @property
+    def step_args(self) -> tuple:
+        """Leading extra arguments of a :meth:`step`-wrapped step: ``(base,)`` with LoRA, else ``()``."""
+        return () if self.base is None else (self.base,)
+
+    def bind(self, graphdef: Any, base: Any, step: Any = None) -> Any:
+        """``graphdef`` with the (traced) ``base`` bound (:func:`jaxrlhf.models.lora.bind`); the dropout key is
+        ``fold_in(key(seed), step)`` when ``lora.dropout > 0`` and ``step`` is given, else None."""
+        from jaxrlhf.models import lora as L
+
+        key = None
+        if step is not None and self.lora.dropout > 0:
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.seed), 0x10A), step)
+        return L.bind(graphdef, base, self.lora, key)
+
+    def step(self, step_fn: Callable, graph_kw: str = "graphdef") -> Callable:
+        """``step_fn`` for :func:`jaxrlhf.train_state.jit_step`. With LoRA: ``(state, batch, base, *rest, **kw)
+        -> step_fn(state, batch, *rest, **kw)`` with ``kw[graph_kw]`` bound to ``base`` (dropout key from
+        ``state.step``); pass :attr:`step_args` before the step's own extra arguments."""
+        if self.base is None:
+            return step_fn
+
+        def lora_step(state, batch, base, *rest, **kw):
+            kw[graph_kw] = self.bind(kw[graph_kw], base, state.step)
+            return step_fn(state, batch, *rest, **kw)
+
+        return lora_step
+
+    def model_params(self, params: Any) -> Any:
+        """The model's ``nnx.State`` for evaluation and sampling: ``params`` + the base, adapters factored
+        (:func:`jaxrlhf.models.lora.with_adapters`, no dropout, no copy)."""
+        from jaxrlhf.models import lora as L
+
+        return params if self.base is None else L.with_adapters(self.base, params, self.lora)
+
+    def on_model(self, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """``fn(state)`` that reads ``state.params`` as the model's params: with LoRA it gets the state with
+        :meth:`model_params` in place of the adapters (for :func:`greedy_samples` and the like)."""
+        if self.base is None:
+            return fn
+        return lambda st: fn(st.replace(params=self.model_params(st.params)))
+
+    def merged(self, params: Any) -> Any:
+        """Plain params with the adapters folded into the weights (:func:`jaxrlhf.models.lora.merge_weights`),
+        for export."""
+        from jaxrlhf.models import lora as L
+
+        return params if self.base is None else L.merge_weights(self.base, params, self.lora)
+
+
+def trainable(cfg: C.ExperimentConfig, params: Any, model_cfg: Any, mesh: Any, *, train: Sequence[str] = ()
+              ) -> Trainable:
+    """``Trainable(params)`` (no ``cfg.model.lora``), or LoRA's split of ``params``: adapters on
+    ``model.lora.targets`` (+ the top-level sub-trees ``train``, trained in full) and the frozen rest placed
+    on ``mesh`` (:func:`jaxrlhf.models.lora.init_lora`; adapters from ``key(train.seed)``).
+
+    Raises:
+      ConfigError: a ``model.lora.targets`` entry the model's family does not have, or a family without
+        LoRA projections.
+    """
+    lora = cfg.model.lora
+    if lora is None:
+        return Trainable(params)
+    from jaxrlhf.models import lora as L
+    from jaxrlhf.sharding import state_shardings
+
+    table = L.PROJECTIONS.get(model_cfg.family)
+    if table is None:
+        raise C.ConfigError(f"model.lora is not supported for model family {model_cfg.family!r} "
+                            f"(supported: {sorted(L.PROJECTIONS)}); set model.lora=None")
+    bad = [t for t in lora.targets if t not in table]
+    if bad:
+        raise C.ConfigError(f"model.lora.targets {bad} are not projections of this {model_cfg.family} model "
+                            f"({cfg.model.name}); choose among {sorted(table)}")
+    params, base = L.init_lora(params, lora, model_cfg, jax.random.fold_in(jax.random.key(cfg.train.seed), 0x10A),
+                               train=train)
+    base = jax.device_put(base, state_shardings(base, mesh))
+    n_train, n_base = L.num_params(params), L.num_params(base)
+    log.info("LoRA rank %d on %s: %d trainable parameters (%.3f%% of the %d frozen)", lora.rank,
+             ",".join(lora.targets), n_train, 100.0 * n_train / max(n_base, 1), n_base)
+    return Trainable(params, base, lora, cfg.train.seed)
+
+
+def policy_trainable(run: Run, policy: Policy) -> Trainable:
+    """:func:`trainable` for a policy; with LoRA, ``policy.params`` becomes the placed frozen base (the
+    initial policy and reference model, which the adapters start equal to)."""
+    tr = trainable(run.cfg, policy.params, policy.model_cfg, run.mesh)
+    if tr.base is not None:
+        policy.params = tr.base
+    return tr
 
 
 def check_lengths(model_cfg: Any, length: int, field: str) -> None:
@@ -118,13 +247,15 @@ def init_or_restore(run: Run, params: Any, tx: Any, resume: bool, extra: Any = N
     Returns ``(state, state_sharding, data_position or None)``.
 
     Raises:
-      FileExistsError: not ``resume`` but the run directory already holds checkpoints.
+      CheckpointExistsError: (a FileExistsError) not ``resume`` but the run directory already holds
+        checkpoints.
+      CheckpointError: ``resume`` and the latest checkpoint was saved from another model (shapes differ).
     """
-    state, sharding = init_sharded_state(params, tx, run.mesh, extra)
-    if not resume and run.checkpointer.latest_step() is not None:
-        raise FileExistsError(
+    if not resume and run.checkpointer.latest_step() is not None:  # checked before any compile
+        raise CheckpointExistsError(
             f"{run.dir.checkpoints} already holds checkpoints; pass --resume to continue, or choose "
             "another --config.name (finished checkpoints are never overwritten)")
+    state, sharding = init_sharded_state(params, tx, run.mesh, extra)
     if run.checkpointer.latest_step() is None:
         if resume:
             log.warning("--resume: no checkpoint in %s, starting from scratch", run.dir.checkpoints)
@@ -156,10 +287,19 @@ def split_rows(data: C.DataConfig, eval_source: str = "", eval_split: str = "tes
     seed=data.seed)`` -- or, with ``eval_source``, that source's ``eval_split`` (a seeded sample of
     ``data.eval_size`` rows when > 0). The training rows: the rest, a seeded sample of ``data.limit``
     rows when > 0. Both keep file order.
+
+    Raises:
+      DataError: the source holds no rows, or ``data.eval_size`` holds out all of them (and the errors of
+        :func:`jaxrlhf.data.sources.load_rows`: missing file, broken JSON line, ...).
     """
     from jaxrlhf.data.sources import load_rows
 
     rows = load_rows(data.source, split=data.split)
+    if len(rows) == 0:
+        raise DataError(f"data.source={data.source!r} (split {data.split!r}) holds no rows; give data with rows")
+    if not eval_source and data.eval_size >= len(rows):
+        raise DataError(f"data.eval_size={data.eval_size} holds out every row of data.source={data.source!r} "
+                        f"({len(rows)} rows), leaving none to train on; lower data.eval_size")
     if eval_source:
         train_rows = rows
         eval_rows = sample_rows(load_rows(eval_source, split=eval_split), data.eval_size, data.seed + 1)
@@ -177,11 +317,15 @@ def use_chat_template(data: C.DataConfig, tokenizer: Any) -> bool:
 def map_batches(fn: Callable[[dict], dict], examples: Sequence[Any], collate: Callable, batch_size: int,
                 place: Callable[[dict], dict]) -> tuple[dict, dict]:
     """Run ``fn(place(batch))`` over ``examples`` in fixed-size batches (the last padded with all-padding
-    rows); returns ``(outputs, batches)`` concatenated on the host, padding rows included."""
+    rows); returns ``(outputs, batches)`` concatenated on the host, padding rows included.
+
+    Several processes: every process passes the same ``examples`` (a replicated held-out set), so
+    ``place`` should be :func:`~jaxrlhf.sharding.place_global_batch` (the batch is the global batch);
+    the outputs are gathered to every host (:func:`jaxrlhf.distributed.host_copy`, a collective)."""
     outs, batches = [], []
     for i in range(0, len(examples), batch_size):
         b = collate(list(examples[i:i + batch_size]), batch_size=batch_size)
-        outs.append(jax.device_get(fn(place(b))))
+        outs.append(host_copy(fn(place(b))))
         batches.append(b)
     if not outs:
         return {}, {}
@@ -237,15 +381,17 @@ class PolicyEval(NamedTuple):
 def policy_eval_for(cfg: C.ExperimentConfig, policy: Policy, params_of: Callable[[Any], Any]) -> PolicyEval | None:
     """:class:`PolicyEval` of ``cfg.policy_eval`` (None when the section is unset). π_ref is the run's
     initial policy (``policy.params``; call this before the driver lets go of them), or the model named
-    by ``policy_eval.reference`` (which must have the policy's architecture).
+    by ``policy_eval.reference`` (which must have the policy's architecture). ``cfg.safety_eval`` (the
+    safety evaluation, :mod:`jaxrlhf.safety`) joins it: its metrics are added to the same ``eval`` rows.
 
     Raises:
       ConfigError: ``policy_eval.reference`` has another architecture than the policy, or
-        ``policy_eval.max_prompt_length + max_new_tokens`` exceeds the model's context.
+        ``policy_eval.max_prompt_length + max_new_tokens`` (or ``safety_eval``'s) exceeds the model's context.
     """
     spec = cfg.policy_eval
+    safety = _safety_evaluator(cfg, policy)
     if spec is None:
-        return None
+        return None if safety is None else PolicyEval(safety, params_of)
     from jaxrlhf.policy_eval import build_policy_evaluator
 
     check_lengths(policy.model_cfg, spec.max_prompt_length + spec.max_new_tokens,
@@ -260,7 +406,34 @@ def policy_eval_for(cfg: C.ExperimentConfig, policy: Policy, params_of: Callable
         ref_params = ref.params
     evaluator = build_policy_evaluator(spec, graphdef=policy.graphdef, ref_params=ref_params,
                                        tokenizer=policy.tokenizer, model_cfg=policy.model_cfg)
-    return PolicyEval(evaluator, params_of)
+    return PolicyEval(evaluator if safety is None else _joined(evaluator, safety), params_of)
+
+
+def _safety_evaluator(cfg: C.ExperimentConfig, policy: Policy):
+    """``jaxrlhf.safety.SafetyEvaluator`` of ``cfg.safety_eval`` (None when unset)."""
+    spec = getattr(cfg, "safety_eval", None)
+    if spec is None:
+        return None
+    from jaxrlhf.safety import build_safety_evaluator
+
+    check_lengths(policy.model_cfg, spec.max_prompt_length + spec.max_new_tokens,
+                  "safety_eval.max_prompt_length + safety_eval.max_new_tokens")
+    return build_safety_evaluator(spec, graphdef=policy.graphdef, tokenizer=policy.tokenizer,
+                                  model_cfg=policy.model_cfg)
+
+
+def _joined(*evaluators: Callable):
+    """One evaluator ``params -> (metrics, samples)`` running each in turn (later metrics win a clash)."""
+
+    def evaluate(params):
+        metrics, samples = {}, []
+        for ev in evaluators:
+            m, s = ev(params)
+            metrics.update(m)
+            samples += s
+        return metrics, samples
+
+    return evaluate
 
 
 # ------------------------------------------------------------------------------------------- the drive
@@ -298,6 +471,7 @@ def drive(run: Run, state: Any, position: dict | None, *, step_fn: Callable, bat
     n_samples = cfg.train.num_samples
     if position:
         batches.set_state(position)
+    compile_stats.report_startup(run, step_fn, state, batches, place, step_args, f"{meta.get('algo', 'train')} step")
     written: dict[str, list] = {"before": [], "after": []}
     last_eval: list = []  # the samples of the most recent evaluation (for drivers without `sample`)
 
@@ -341,8 +515,11 @@ def drive(run: Run, state: Any, position: dict | None, *, step_fn: Callable, bat
         run.dir.close()
         raise
     extra: dict = {}
-    if int(jax.device_get(state.step)) == cfg.train.steps and export is not None and jax.process_index() == 0:
-        extra = export(state)
+    if int(jax.device_get(state.step)) == cfg.train.steps and export is not None:
+        # Several processes: all take part in copying the (possibly cross-host sharded) weights; process 0 writes.
+        host = host_copy(state.replace(opt_state=None)) if jax.process_count() > 1 else state
+        if jax.process_index() == 0:
+            extra = export(host)
     run.checkpointer.close()
     run.dir.close()
     return run_summary(run, state, samples_before=written["before"], samples_after=written["after"], **extra)

@@ -29,10 +29,11 @@ from jaxrlhf.data import batching
 from jaxrlhf.data.iterator import BatchIterator
 from jaxrlhf.data.tokenize import (pad_id_for, tokenize_classification_dataset, tokenize_preference_dataset,
                                    tokenize_ranked_dataset)
+from jaxrlhf.distributed import tokenize_rows
 from jaxrlhf.drivers import core
 from jaxrlhf.models.reward_model import (RewardModel, export_hf_reward_model, save_reward_model, split_reward_model,
                                          stats_of, with_stats)
-from jaxrlhf.sharding import place_batch
+from jaxrlhf.sharding import place_batch, place_global_batch
 from jaxrlhf.train_state import jit_step, make_optimizer
 
 __all__ = ["train"]
@@ -70,7 +71,8 @@ def load_reward_data(cfg: C.ExperimentConfig, tokenizer, is_decoder: bool):
         tok = lambda rows: tokenize_classification_dataset(  # noqa: E731
             rows, tokenizer, max_length=d.max_length, add_eos=add_eos, on_overflow=d.on_overflow)
         collate = functools.partial(batching.build_classification_batch, **common)
-    train_ex, train_report = tok(train_rows)
+    # Several processes: each tokenises only its rows (jaxrlhf.distributed); rankings need every K.
+    train_ex, train_report = tokenize_rows(train_rows, tok, shard=a.objective != "ranking")
     eval_ex, eval_report = tok(eval_rows)
     if a.objective == "ranking":
         n = max(len(ex.completion_ids) for ex in list(train_ex) + list(eval_ex))
@@ -84,7 +86,7 @@ def train(cfg: C.ExperimentConfig, resume: bool = False) -> dict:
     returns the summary (+ ``normalization``, ``stats``, ``export_dir``, ``hf_export_dir``)."""
     a, d = cfg.algo, cfg.data
     run = core.start_run(cfg)
-    backbone = core.load_policy(cfg.model)
+    backbone = core.load_policy(cfg.model, run.mesh)
     core.check_lengths(backbone.model_cfg, d.max_length, "data.max_length")
     num_outputs = a.num_labels if a.objective == "classification" else 1
     rm = RewardModel(nnx.merge(backbone.graphdef, backbone.params), num_outputs=num_outputs, pooling=a.pooling,
@@ -98,15 +100,18 @@ def train(cfg: C.ExperimentConfig, resume: bool = False) -> dict:
     batches = BatchIterator(train_ex, d.batch_size, collate, seed=d.seed,
                             process_index=jax.process_index(), process_count=jax.process_count())
     tx = make_optimizer(cfg.optim, cfg.train.steps)
-    state, sharding, position = core.init_or_restore(run, params, tx, resume, extra=stats)
-    step = jit_step(reward_step, run.mesh, sharding, static_kwargs=dict(
+    tr = core.trainable(cfg, params, backbone.model_cfg, run.mesh, train=("head",))  # LoRA: adapters + head
+    state, sharding, position = core.init_or_restore(run, tr.params, tx, resume, extra=stats)
+    step = jit_step(tr.step(reward_step), run.mesh, sharding, static_kwargs=dict(
         graphdef=graphdef, tx=tx, cfg=a, grad_accum_steps=cfg.optim.grad_accum_steps))
     micro = d.batch_size // cfg.optim.grad_accum_steps
     place = functools.partial(place_batch, mesh=run.mesh)
+    place_all = functools.partial(place_global_batch, mesh=run.mesh)  # passes over data every process holds
     out_fn = jax.jit(functools.partial(reward_outputs, graphdef=graphdef))
 
     def evaluate(st) -> core.Evaluation:
-        outs, cat = core.map_batches(lambda b: out_fn(st.params, st.extra, b), eval_ex, collate, micro, place)
+        params = tr.model_params(st.params)
+        outs, cat = core.map_batches(lambda b: out_fn(params, st.extra, b), eval_ex, collate, micro, place_all)
         return core.Evaluation(eval_metrics(a.objective, outs, cat))
 
     def normalize(st):
@@ -114,7 +119,8 @@ def train(cfg: C.ExperimentConfig, resume: bool = False) -> dict:
         (files are often sorted by label, e.g. IMDB: positives first); written before the last checkpoint."""
         pick = np.random.default_rng(d.seed).permutation(len(train_ex))[:a.normalize_examples]
         ref = [train_ex[int(i)] for i in np.sort(pick)]
-        outs, cat = core.map_batches(lambda b: out_fn(st.params, st.extra, b), ref, collate, micro, place)
+        params = tr.model_params(st.params)
+        outs, cat = core.map_batches(lambda b: out_fn(params, st.extra, b), ref, collate, micro, place_all)
         mean, std = normalization_stats(real_rewards(a.objective, outs, cat))
         norm = {"reward_mean": mean, "reward_std": std, "examples": len(ref)}
         if jax.process_index() == 0:
@@ -127,7 +133,7 @@ def train(cfg: C.ExperimentConfig, resume: bool = False) -> dict:
         out = {"normalization": json.loads(norm_file.read_text()) if norm_file.exists() else {},
                "stats": stats_of(jax.device_get(st.extra)), "export_dir": None, "hf_export_dir": None}
         if a.export:
-            model = nnx.merge(graphdef, jax.device_get(st.params), jax.device_get(st.extra))
+            model = nnx.merge(graphdef, jax.device_get(tr.merged(st.params)), jax.device_get(st.extra))
             out["export_dir"] = str(save_reward_model(model, run.dir.path / "reward_model", backbone.tokenizer))
             log.info("exported reward model to %s (load with jaxrlhf.models.reward_model.load_reward_model)",
                      out["export_dir"])
@@ -143,5 +149,5 @@ def train(cfg: C.ExperimentConfig, resume: bool = False) -> dict:
     return core.drive(run, state, position, step_fn=step, batches=batches, place=place,
                       meta={"algo": "reward", "objective": a.objective},
                       evaluate=evaluate if eval_ex else None,
-                      finalize=normalize if a.normalize_examples else None, export=export,
+                      finalize=normalize if a.normalize_examples else None, export=export, step_args=tr.step_args,
                       tokens_per_step=d.batch_size * d.max_length * seqs if seqs else None)

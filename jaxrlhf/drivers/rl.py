@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxrlhf import compile_stats
 from jaxrlhf import config as C
 from jaxrlhf import sharding as shd
 from jaxrlhf.algos.grpo import GRPO, RLOO
@@ -45,6 +46,7 @@ from jaxrlhf.data.formats import imdb_prompt_examples
 from jaxrlhf.data.iterator import BatchIterator
 from jaxrlhf.data.tokenize import eos_ids_for, pad_id_for, tokenize_prompt_dataset
 from jaxrlhf.drivers import core
+from jaxrlhf.models.lora import split_bound
 from jaxrlhf.rewards import Completions, build_reward, reward_parts
 from jaxrlhf.sampling import SampleOutput, SamplingConfig, sample_tokens
 from jaxrlhf.sharding import place_batch
@@ -80,27 +82,44 @@ class RLFunctions:
 
 
 def make_rl_functions(algo: RLAlgorithm, graphs: Any, cfg: Any, tx: optax.GradientTransformation, mesh,
-                      state_sharding: TrainState, sampling: SamplingConfig, grad_accum_steps: int = 1
-                      ) -> RLFunctions:
-    """Jit the rollout and update of ``algo`` once, with the state's shardings (state donated by update)."""
+                      state_sharding: TrainState, sampling: SamplingConfig, grad_accum_steps: int = 1,
+                      trainable: core.Trainable | None = None) -> RLFunctions:
+    """Jit the rollout and update of ``algo`` once, with the state's shardings (state donated by update).
 
-    def gen(policy_params, prompt_tokens, prompt_mask, key):
-        return sample_tokens(graphs.policy, policy_params, prompt_tokens, prompt_mask, key, cfg=sampling)
+    With LoRA (``trainable`` holds a frozen base) every jitted function takes the base as a last argument
+    and binds it into ``graphs.policy`` inside the trace (:meth:`~jaxrlhf.drivers.core.Trainable.bind`;
+    the update's dropout key follows ``state.step``); the returned callables pass it themselves, so they
+    are called the same way with and without LoRA, and the reference (``ref_params`` = the base) is the
+    policy with its adapters disabled."""
+    extra = () if trainable is None else trainable.step_args
 
-    def logps(policy_params, ref_params, lm):
-        lp, _ = token_logps(graphs.policy, policy_params, lm, sampling.temperature or 1.0)
-        rp, _ = token_logps(graphs.policy, ref_params, lm, sampling.temperature or 1.0)
+    def bound(base: tuple, step=None):  # graphs, with LoRA's base bound to the policy's graph definition
+        return graphs._replace(policy=trainable.bind(graphs.policy, base[0], step)) if base else graphs
+
+    def gen(policy_params, prompt_tokens, prompt_mask, key, *base):
+        graphdef, state = split_bound(bound(base).policy, policy_params)
+        return sample_tokens(graphdef, state, prompt_tokens, prompt_mask, key, cfg=sampling)
+
+    def logps(policy_params, ref_params, lm, *base):
+        policy = bound(base).policy
+        lp, _ = token_logps(policy, policy_params, lm, sampling.temperature or 1.0)
+        rp, _ = token_logps(policy, ref_params, lm, sampling.temperature or 1.0)
         return lp, rp
 
-    exp_fn = functools.partial(algo.experience, graphs=graphs, cfg=cfg)
-    upd_fn = functools.partial(algo.update, graphs=graphs, tx=tx, cfg=cfg, grad_accum_steps=grad_accum_steps)
+    def exp_fn(state, ref_params, lm, truncated_B, scores_B, *base):
+        return algo.experience(state, ref_params, lm, truncated_B, scores_B, graphs=bound(base), cfg=cfg)
+
+    def upd_fn(state, exp, key, *base):
+        return algo.update(state, exp, key, graphs=bound(base, state.step), tx=tx, cfg=cfg,
+                           grad_accum_steps=grad_accum_steps)
+
     gen_j, exp_j, logps_j = jax.jit(gen), jax.jit(exp_fn), jax.jit(logps)
     upd_j = jax.jit(upd_fn, out_shardings=(state_sharding, shd.replicated(mesh)), donate_argnums=(0,))
 
     def in_mesh(f):
         def call(*args):
             with jax.set_mesh(mesh):
-                return f(*args)
+                return f(*args, *extra)
         call.jitted = f
         return call
 
@@ -195,7 +214,19 @@ def load_prompts(data: C.DataConfig, tokenizer):
 
 def train(cfg: C.ExperimentConfig, resume: bool = False) -> dict:
     """Run PPO, GRPO or RLOO (by the type of ``cfg.algo``); writes ``runs/<name>/``; returns the summary
-    (+ ``score_first``, ``score_last``, ``kl_last``, ``train_wall_s``, ``export_dir``)."""
+    (+ ``score_first``, ``score_last``, ``kl_last``, ``train_wall_s``, ``export_dir``).
+
+    Raises:
+      MeshError: several processes (``jax.distributed``): the rewards and evaluation read every sampled
+        completion on the host, which no process holds whole yet; run on one host's devices.
+    """
+    if jax.process_count() > 1:
+        from jaxrlhf.errors import MeshError
+
+        raise MeshError(f"{type(cfg.algo).__name__} runs in one process for now ({jax.process_count()} were "
+                        "started): its rewards and evaluation decode every sampled completion on the host, and "
+                        "each process holds only its part; run it on one host's devices (mesh.data=-1), or "
+                        "train SFT, reward models and the DPO family across hosts")
     a, d = cfg.algo, cfg.data
     algo, algo_name = ALGORITHMS[type(a)]
     G = a.rollout.num_completions
@@ -203,7 +234,7 @@ def train(cfg: C.ExperimentConfig, resume: bool = False) -> dict:
     rows = d.batch_size * G
     run = core.start_run(cfg, rows // (num_minibatches * cfg.optim.grad_accum_steps),
                          "data.batch_size*rollout.num_completions/(algo.update.num_minibatches*optim.grad_accum_steps)")
-    policy = core.load_policy(cfg.model)
+    policy = core.load_policy(cfg.model, run.mesh)
     core.check_lengths(policy.model_cfg, d.max_prompt_length + a.rollout.max_new_tokens,
                        "data.max_prompt_length + algo.rollout.max_new_tokens")
     tok = policy.tokenizer
@@ -216,13 +247,18 @@ def train(cfg: C.ExperimentConfig, resume: bool = False) -> dict:
     reward_fn = build_reward(a.reward)
     tx = make_optimizer(cfg.optim, cfg.train.steps * epochs * num_minibatches)
     key = jax.random.key(cfg.train.seed)
-    params, graphs = algo.init_params(policy.params, policy.graphdef, policy.model_cfg, a, jax.random.fold_in(key, 1))
+    tr = core.policy_trainable(run, policy)  # LoRA (model.lora): adapters on the frozen base policy.params
+    params, graphs = algo.init_params(tr.params, policy.graphdef, policy.model_cfg, a, jax.random.fold_in(key, 1))
     state, sharding, position = core.init_or_restore(run, params, tx, resume, extra=init_extra(algo.initial_coef(a)))
-    # A copy: the update donates the state's buffers, which may alias the loaded parameters.
-    ref_params = jax.device_put(copy_tree(policy.params), shd.state_shardings(policy.params, run.mesh))
+    if tr.base is None:
+        # A copy: the update donates the state's buffers, which may alias the loaded parameters.
+        ref_params = jax.device_put(copy_tree(policy.params), shd.state_shardings(policy.params, run.mesh))
+    else:
+        ref_params = tr.base  # the policy with its adapters disabled: the one copy of the base (never donated)
     fns = make_rl_functions(algo, graphs, a, tx, run.mesh, sharding,
                             sampling_config(a.rollout, eos_ids_for(tok, policy.model_cfg), pad),
-                            cfg.optim.grad_accum_steps)
+                            cfg.optim.grad_accum_steps, trainable=tr)
+    compile_stats.report_rl(run, fns, state, ref_params, batches, G, tr.step_args)
 
     eb = max(d.batch_size, 1)
     eval_batches = []
@@ -254,8 +290,8 @@ def train(cfg: C.ExperimentConfig, resume: bool = False) -> dict:
         from jaxrlhf.models.hf import save_hf_folder
 
         path = run.dir.path / "hf"
-        save_hf_folder(nnx.merge(policy.graphdef, jax.device_get(st.params["policy"])), policy.model_cfg, path,
-                       tokenizer=tok)
+        save_hf_folder(nnx.merge(policy.graphdef, jax.device_get(tr.merged(st.params["policy"]))), policy.model_cfg,
+                       path, tokenizer=tok)
         log.info("exported the policy to %s (AutoModelForCausalLM / load_pretrained)", path)
         return {"export_dir": str(path)}
 
@@ -265,7 +301,7 @@ def train(cfg: C.ExperimentConfig, resume: bool = False) -> dict:
                          evaluate=evaluate if eval_batches else None, after_step=rollout_samples, pass_step=True,
                          export=export,
                          tokens_per_step=rows * a.rollout.max_new_tokens,
-                         policy_eval=core.policy_eval_for(cfg, policy, lambda st: st.params["policy"]))
+                         policy_eval=core.policy_eval_for(cfg, policy, lambda st: tr.model_params(st.params["policy"])))
     train_rows = [m for m in run.dir.read_metrics()
                   if m["split"] == "train"]
     summary.update(score_first=train_rows[0]["score/mean"] if train_rows else None,

@@ -20,10 +20,12 @@ from flax import nnx
 from jaxrlhf import config as C
 from jaxrlhf.algos.sft import sft_eval, sft_step
 from jaxrlhf.data.batching import build_lm_batch, pack_lm_examples, stack_examples, unstack_batch
+from jaxrlhf.data.formats import sft_example
 from jaxrlhf.data.iterator import BatchIterator
 from jaxrlhf.data.tokenize import pad_id_for, tokenize_sft_dataset
+from jaxrlhf.distributed import tokenize_rows
 from jaxrlhf.drivers import core
-from jaxrlhf.sharding import place_batch
+from jaxrlhf.sharding import place_batch, place_global_batch
 from jaxrlhf.train_state import jit_step, make_optimizer
 
 __all__ = ["train"]
@@ -38,14 +40,22 @@ def tokenize_sft_rows(rows, data: C.DataConfig, tokenizer):
                                 on_overflow=data.on_overflow, format=data.format, instances="all")
 
 
+def _sft_instances(row, format: str) -> int:
+    """How many SFT examples a row gives before truncation (several for a self-instruct row)."""
+    return len(sft_example(row, format=format, instances="all"))
+
+
 def train(cfg: C.ExperimentConfig, resume: bool = False) -> dict:
     """Fine-tune ``cfg.model`` on ``cfg.data`` (SFT); writes the run directory; returns the summary."""
     d = cfg.data
     run = core.start_run(cfg)
-    policy = core.load_policy(cfg.model)
+    policy = core.load_policy(cfg.model, run.mesh)
     core.check_lengths(policy.model_cfg, d.max_length, "data.max_length")
     train_rows, eval_rows = core.split_rows(d)
-    train_ex, train_rep = tokenize_sft_rows(train_rows, d, policy.tokenizer)
+    # Several processes: each tokenises only its rows (jaxrlhf.distributed); packing needs every example.
+    train_ex, train_rep = tokenize_rows(train_rows, lambda rows: tokenize_sft_rows(rows, d, policy.tokenizer),
+                                        instances=functools.partial(_sft_instances, format=d.format),
+                                        shard=not d.packing)
     eval_ex, eval_rep = tokenize_sft_rows(eval_rows, d, policy.tokenizer)
     log.info("data: %d train / %d eval examples; train %s; eval %s", len(train_ex), len(eval_ex),
              train_rep.summary(), eval_rep.summary())
@@ -63,15 +73,17 @@ def train(cfg: C.ExperimentConfig, resume: bool = False) -> dict:
                                 process_index=jax.process_index(), process_count=jax.process_count())
 
     tx = make_optimizer(cfg.optim, cfg.train.steps)
-    state, sharding, position = core.init_or_restore(run, policy.params, tx, resume)
-    step = jit_step(sft_step, run.mesh, sharding, static_kwargs=dict(
+    tr = core.policy_trainable(run, policy)  # every weight, or LoRA adapters on the frozen base (model.lora)
+    state, sharding, position = core.init_or_restore(run, tr.params, tx, resume)
+    step = jit_step(tr.step(sft_step), run.mesh, sharding, static_kwargs=dict(
         graphdef=policy.graphdef, tx=tx, cfg=cfg.algo, grad_accum_steps=cfg.optim.grad_accum_steps))
     place = functools.partial(place_batch, mesh=run.mesh)
     eval_batches = [collate(eval_ex[i:i + d.batch_size]) for i in range(0, len(eval_ex) - d.batch_size + 1, d.batch_size)]
     eval_fn = jax.jit(functools.partial(sft_eval, graphdef=policy.graphdef))
 
     def evaluate(st) -> core.Evaluation:
-        sums = [jax.device_get(eval_fn(st.params, place(b))) for b in eval_batches]
+        sums = [jax.device_get(eval_fn(tr.model_params(st.params), place_global_batch(b, run.mesh)))  # held whole
+                for b in eval_batches]
         nll = sum(float(s["nll_sum"]) for s in sums) / max(sum(float(s["tokens"]) for s in sums), 1.0)
         return core.Evaluation({"loss": nll, "perplexity": float(np.exp(nll))})
 
@@ -80,14 +92,14 @@ def train(cfg: C.ExperimentConfig, resume: bool = False) -> dict:
         from jaxrlhf.models.hf import save_hf_folder
 
         path = run.dir.path / "hf"
-        save_hf_folder(nnx.merge(policy.graphdef, jax.device_get(st.params)), policy.model_cfg, path,
+        save_hf_folder(nnx.merge(policy.graphdef, jax.device_get(tr.merged(st.params))), policy.model_cfg, path,
                        tokenizer=policy.tokenizer)
         return {"export_dir": str(path)}
 
     return core.drive(
         run, state, position, step_fn=step, batches=batches, place=place, meta={"algo": "sft"},
         evaluate=evaluate if eval_batches else None,
-        sample=core.greedy_samples(policy, [ex[0] for ex in eval_ex[:cfg.train.num_samples]],
-                                   cfg.train.sample_max_new_tokens),
-        export=export, tokens_per_step=d.batch_size * d.max_length,
-        policy_eval=core.policy_eval_for(cfg, policy, lambda st: st.params))
+        sample=tr.on_model(core.greedy_samples(policy, [ex[0] for ex in eval_ex[:cfg.train.num_samples]],
+                                               cfg.train.sample_max_new_tokens)),
+        export=export, step_args=tr.step_args, tokens_per_step=d.batch_size * d.max_length,
+        policy_eval=core.policy_eval_for(cfg, policy, lambda st: tr.model_params(st.params)))

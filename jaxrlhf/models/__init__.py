@@ -7,6 +7,8 @@ Layout (imports only point down this list, so there is no import cycle; ``tests/
 checks it):
 
 * ``config.py``      -- ``ModelConfig`` / ``RopeScaling``, shared by every family.
+* ``lora.py``        -- LoRA adapters: ``LoraWeight`` (a frozen weight + low-rank update, applied by
+  ``layers.dense``), ``add_adapters`` / ``with_adapters`` / ``merge_weights``, ``bind`` / ``merge_model``.
 * ``layers.py``      -- shared building blocks: parameter constructors, norms, RoPE, attention, masks,
   KV cache, ``prepare_inputs``, ``run_blocks`` (the layer scan), ``DecoderOutput``.
 * ``tensors.py``     -- checkpoint tensors: safetensors read/write (the ``safetensors`` library),

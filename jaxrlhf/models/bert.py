@@ -52,7 +52,7 @@ from flax import nnx
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.layers import (activation, attend, attention_mask, dense, layer_norm, normal_param, ones_param,
                                    run_blocks, zeros_param)
-from jaxrlhf.sharding import constrain
+from jaxrlhf.sharding import constrain, embed_lookup
 
 __all__ = [
     "Encoder", "EncoderOutput", "HF_MODEL_TYPES", "model_class", "mean_pool", "l2_normalize",
@@ -246,11 +246,11 @@ class Encoder(nnx.Module):
                                  f"{cfg.max_position_embeddings}; truncate the inputs")
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
 
-        x = jnp.take(self.embed[...], tokens_BT, axis=0).astype(jnp.float32)
-        x = x + jnp.take(self.pos_embed[...], positions_BT, axis=0).astype(jnp.float32)
+        x = embed_lookup(self.embed[...], tokens_BT).astype(jnp.float32)
+        x = x + embed_lookup(self.pos_embed[...], positions_BT).astype(jnp.float32)
         if cfg.type_vocab_size:
             tt = jnp.zeros((B, T), jnp.int32) if token_type_ids_BT is None else token_type_ids_BT
-            x = x + jnp.take(self.type_embed[...], tt, axis=0).astype(jnp.float32)
+            x = x + embed_lookup(self.type_embed[...], tt).astype(jnp.float32)
         x = layer_norm(x, self.embed_norm_scale[...], self.embed_norm_bias[...], cfg.norm_eps).astype(dt)
         x = constrain(x, ("batch", "length", "embed"))
 

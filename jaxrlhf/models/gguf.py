@@ -21,11 +21,12 @@ from typing import Any
 
 import numpy as np
 
+from jaxrlhf.errors import ModelError, ModelNotFoundError
 from jaxrlhf.models import llama
 from jaxrlhf.models.config import ModelConfig, RopeScaling
 from jaxrlhf.models.hf import model_from_params
 
-__all__ = ["load_gguf", "SUPPORTED_ARCHITECTURES", "config_from_gguf"]
+__all__ = ["load_gguf", "SUPPORTED_ARCHITECTURES", "config_from_gguf", "check_quantizations", "supported_quantizations"]
 
 PathLike = str | os.PathLike
 
@@ -108,7 +109,7 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> ModelConfi
     """
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"GGUF general.architecture={arch!r} is not supported ({SUPPORTED_ARCHITECTURES})")
+        raise ModelError(f"GGUF general.architecture={arch!r} is not supported ({SUPPORTED_ARCHITECTURES})")
 
     def get(key, default=None, required=True):
         full = f"{arch}.{key}"
@@ -154,6 +155,31 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> ModelConfi
         eos_token_id=meta.get("tokenizer.ggml.eos_token_id"))
 
 
+def supported_quantizations() -> list[str]:
+    """The GGML tensor types the installed ``gguf`` package dequantises (F32, F16 and its quant traits)."""
+    from gguf import GGMLQuantizationType, quants
+
+    traits = getattr(quants, "_type_traits", {})
+    return [t.name for t in GGMLQuantizationType
+            if t in (GGMLQuantizationType.F32, GGMLQuantizationType.F16) or t in traits]
+
+
+def check_quantizations(reader, path: PathLike) -> None:
+    """Raise :class:`~jaxrlhf.errors.ModelError` naming the first tensor whose type cannot be dequantised
+    (and the supported types) before any tensor is read."""
+    supported = supported_quantizations()
+    bad = {}
+    for t in reader.tensors:
+        name = getattr(t.tensor_type, "name", str(t.tensor_type))
+        if name not in supported:
+            bad.setdefault(name, t.name)
+    if bad:
+        kinds = ", ".join(f"{k} (e.g. tensor {v!r})" for k, v in bad.items())
+        raise ModelError(f"GGUF file {path} holds tensors quantised as {kinds}, which the gguf package cannot "
+                         f"dequantise; supported: {supported}. Re-quantise it (llama.cpp's llama-quantize) to one "
+                         "of those, e.g. Q8_0 or F16")
+
+
 def read_gguf_tensors(reader, cfg: ModelConfig, arch: str) -> dict[str, np.ndarray]:
     """All tensors dequantised to float32, renamed to HF names, q/k rows un-permuted for ``llama``."""
     from gguf.quants import dequantize
@@ -187,8 +213,10 @@ def load_gguf(path: PathLike, *, dtype: str = "float32", param_dtype: str = "flo
     Returns:
       ``(Llama module, ModelConfig, tokenizer or None)``.
     Raises:
-      FileNotFoundError: no such file.
-      ValueError: unsupported architecture / metadata / tensor names, or wrongly shaped tensors.
+      ModelNotFoundError: (a FileNotFoundError) no such file.
+      ModelError: (a ValueError) a tensor type the ``gguf`` package cannot dequantise
+        (:func:`check_quantizations`, before any tensor is read); an unsupported architecture.
+      ValueError: unsupported metadata / tensor names, or wrongly shaped tensors.
       ImportError: a tokenizer is asked for and torch is missing (transformers' GGUF reader needs it;
         ``pip install 'jaxrlhf[gguf]'``), raised before the weights are read.
     """
@@ -196,8 +224,9 @@ def load_gguf(path: PathLike, *, dtype: str = "float32", param_dtype: str = "flo
 
     path = pathlib.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"GGUF file {path} does not exist")
+        raise ModelNotFoundError(f"GGUF file {path} does not exist")
     reader = GGUFReader(str(path))
+    check_quantizations(reader, path)
     meta = read_metadata(reader)
     names = {t.name for t in reader.tensors}
     wants_tokenizer = load_tokenizer and "tokenizer.ggml.model" in meta

@@ -40,7 +40,7 @@ from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.layers import (DecoderOutput, KVCache, activation, attend, dense, layer_norm, lm_logits,
                                    normal_param, ones_param, prepare_inputs, run_blocks, write_cache, zeros_param)
 from jaxrlhf.models.tensors import CheckpointTensors, require
-from jaxrlhf.sharding import constrain
+from jaxrlhf.sharding import constrain, embed_lookup
 
 __all__ = ["GPT2", "HF_MODEL_TYPES", "config_from_hf", "hf_config_from", "params_from_hf", "params_to_hf"]
 
@@ -131,7 +131,7 @@ class GPT2(nnx.Module):
                  ) -> DecoderOutput:
         cfg = self.cfg
         positions_BT, mask, kv_segments, index = prepare_inputs(tokens_BT, positions_BT, segment_ids_BT, cache)
-        x = (jnp.take(self.embed[...], tokens_BT, axis=0) + jnp.take(self.pos_embed[...], positions_BT, axis=0))
+        x = embed_lookup(self.embed[...], tokens_BT) + embed_lookup(self.pos_embed[...], positions_BT)
         x = constrain(x.astype(jnp.float32), ("batch", "length", "embed"))  # the f32 residual stream
         layer_params = {name: var[...] for name, var in vars(self.layers).items() if isinstance(var, nnx.Param)}
 

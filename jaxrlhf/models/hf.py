@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxrlhf.errors import ModelError
 from jaxrlhf.models import bert, gpt2, llama
 from jaxrlhf.models.config import ENCODER_FAMILIES, ModelConfig
 from jaxrlhf.models.tensors import (read_hf_config, read_hf_tensors, to_numpy_tree, torch_to_numpy,
@@ -61,7 +62,7 @@ def family_module(model_type: str):
         if model_type in mod.HF_MODEL_TYPES:
             return mod
     supported = [t for mod in _FAMILIES for t in mod.HF_MODEL_TYPES]
-    raise ValueError(f"config.json model_type={model_type!r} is not supported; supported: {supported}")
+    raise ModelError(f"config.json model_type={model_type!r} is not supported; supported: {supported}")
 
 
 def model_class(cfg: ModelConfig) -> type:
@@ -163,7 +164,7 @@ def load_hf_folder(path: PathLike, *, dtype: str = "float32", allow_pickle: bool
     hf_config = read_hf_config(path)
     model_type = hf_config.get("model_type")
     if not model_type:
-        raise ValueError(f"{path}/config.json has no model_type")
+        raise ModelError(f"{path}/config.json has no model_type; is it a Hugging Face model folder?")
     fam = family_module(model_type)
     cfg = fam.config_from_hf(hf_config).replace(dtype=dtype, param_dtype=param_dtype)
     tensors = read_hf_tensors(path, allow_pickle=allow_pickle)

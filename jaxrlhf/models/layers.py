@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from jaxrlhf.models.config import ModelConfig, RopeScaling
+from jaxrlhf.models.lora import LoraWeight, lora_dense
 from jaxrlhf.models.mixed_precision import matmul
 
 __all__ = [
@@ -70,7 +71,12 @@ def dense(x: Array, w: Array, in_axes: int = 1, out_dtype=None) -> Array:
     ``x``'s dtype is the compute dtype; ``w`` may be the f32 master. With bf16 ``x`` the product follows
     the mixed-precision policy of :mod:`jaxrlhf.models.mixed_precision` (bf16 operands, f32
     accumulation, f32 weight gradient). The result is in ``out_dtype`` (default ``x``'s dtype).
+
+    A :class:`~jaxrlhf.models.lora.LoraWeight` (a frozen weight with LoRA adapters) is applied by
+    :func:`~jaxrlhf.models.lora.lora_dense` (``x W0 + (α/r) drop(x) A B``, factored).
     """
+    if isinstance(w, LoraWeight):
+        return lora_dense(x, w, in_axes, out_dtype)
     n_in = math.prod(w.shape[:in_axes])
     lead = x.shape[: x.ndim - in_axes]
     out = matmul(x.reshape(-1, n_in), w.reshape(n_in, -1), out_dtype)

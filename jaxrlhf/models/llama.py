@@ -32,7 +32,7 @@ from jaxrlhf.models.layers import (DecoderOutput, KVCache, activation, apply_rop
                                    normal_param, ones_param, prepare_inputs, rms_norm, rope_frequencies, run_blocks,
                                    write_cache, zeros_param)
 from jaxrlhf.models.tensors import CheckpointTensors, require
-from jaxrlhf.sharding import constrain
+from jaxrlhf.sharding import constrain, embed_lookup
 
 __all__ = ["Llama", "HF_MODEL_TYPES", "config_from_hf", "hf_config_from", "params_from_hf", "params_to_hf"]
 
@@ -120,7 +120,7 @@ class Llama(nnx.Module):
                  ) -> DecoderOutput:
         cfg = self.cfg
         positions_BT, mask, kv_segments, index = prepare_inputs(tokens_BT, positions_BT, segment_ids_BT, cache)
-        x = jnp.take(self.embed[...], tokens_BT, axis=0).astype(jnp.float32)  # the f32 residual stream
+        x = embed_lookup(self.embed[...], tokens_BT).astype(jnp.float32)  # the f32 residual stream
         x = constrain(x, ("batch", "length", "embed"))
         rope = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
         layer_params = {name: var[...] for name, var in vars(self.layers).items() if isinstance(var, nnx.Param)}

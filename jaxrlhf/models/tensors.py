@@ -28,6 +28,8 @@ from flax import nnx
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from jaxrlhf.errors import ModelError, ModelNotFoundError
+
 __all__ = [
     "read_safetensors", "write_safetensors", "read_hf_config", "read_hf_tensors", "CheckpointTensors",
     "require", "to_numpy_tree",
@@ -42,12 +44,13 @@ def read_safetensors(path: PathLike) -> dict[str, np.ndarray]:
     """Every tensor of one ``.safetensors`` file as numpy arrays (``BF16``/``F8`` as ``ml_dtypes`` arrays).
 
     Raises:
-      ValueError: not a safetensors file, a malformed header or a truncated file (the library's message).
+      ModelError: (a ValueError) not a safetensors file, a malformed header or a truncated file (the
+        library's message).
     """
     try:
         return dict(load_file(os.fspath(path)))
     except SafetensorError as e:
-        raise ValueError(f"{path}: cannot read safetensors ({e})") from e
+        raise ModelError(f"{path}: cannot read safetensors ({e})") from e
 
 
 def write_safetensors(tensors: Mapping[str, np.ndarray], path: PathLike,
@@ -85,11 +88,11 @@ def read_hf_config(path: PathLike) -> dict:
     """``config.json`` of a checkpoint folder as a dict.
 
     Raises:
-      FileNotFoundError: no ``config.json`` in ``path``.
+      ModelNotFoundError: (a FileNotFoundError) no ``config.json`` in ``path``.
     """
     f = pathlib.Path(path) / "config.json"
     if not f.is_file():
-        raise FileNotFoundError(f"{path} has no config.json; is it a Hugging Face checkpoint folder?")
+        raise ModelNotFoundError(f"{path} has no config.json; is it a Hugging Face checkpoint folder?")
     return json.loads(f.read_text())
 
 
@@ -99,8 +102,8 @@ def read_hf_tensors(path: PathLike, *, allow_pickle: bool = False) -> dict[str, 
     ``pytorch_model*.bin`` via ``torch.load(weights_only=True)``.
 
     Raises:
-      ValueError: only pickles are present and ``allow_pickle`` is False; a key in two files.
-      FileNotFoundError: no weights at all, or a shard named by the index is absent.
+      ModelError: (a ValueError) only pickles are present and ``allow_pickle`` is False; a key in two files.
+      ModelNotFoundError: (a FileNotFoundError) no weights at all, or a shard named by the index is absent.
     """
     path = pathlib.Path(path)
     index = path / "model.safetensors.index.json"
@@ -116,10 +119,10 @@ def read_hf_tensors(path: PathLike, *, allow_pickle: bool = False) -> dict[str, 
         for name in files:
             f = path / name
             if not f.is_file():
-                raise FileNotFoundError(f"{index} lists shard {name!r}, which is not in {path}")
+                raise ModelNotFoundError(f"{index} lists shard {name!r}, which is not in {path}")
             for k, v in read_safetensors(f).items():
                 if k in tensors:
-                    raise ValueError(f"tensor {k!r} appears in more than one safetensors file of {path}")
+                    raise ModelError(f"tensor {k!r} appears in more than one safetensors file of {path}")
                 tensors[k] = v
         return tensors
     bin_index = path / "pytorch_model.bin.index.json"
@@ -128,12 +131,12 @@ def read_hf_tensors(path: PathLike, *, allow_pickle: bool = False) -> dict[str, 
     else:
         bins = sorted(p.name for p in path.glob("*.bin") if p.name != "training_args.bin")
     if not bins:
-        raise FileNotFoundError(f"{path} has no *.safetensors (or pytorch_model*.bin) weights")
+        raise ModelNotFoundError(f"{path} has no *.safetensors (or pytorch_model*.bin) weights")
     if not allow_pickle:
-        raise ValueError(
+        raise ModelError(
             f"{path} holds only PyTorch pickle weights ({', '.join(bins)}); unpickling can run arbitrary "
-            "code, so it is refused. Convert the folder to safetensors, or pass allow_pickle=True to load "
-            "it with torch.load(weights_only=True)")
+            "code, so it is refused. Convert the folder to safetensors, or pass allow_pickle=True "
+            "(model.allow_pickle) to load it with torch.load(weights_only=True)")
     import torch  # optional dependency, only for the opt-in pickle path
 
     tensors = {}
@@ -198,7 +201,7 @@ class CheckpointTensors:
             value = torch_to_numpy(value)
         arr = np.asarray(value)
         if tuple(arr.shape) != tuple(shape):
-            raise ValueError(f"checkpoint tensor {self._original[key]!r} has shape {tuple(arr.shape)}, "
+            raise ModelError(f"checkpoint tensor {self._original[key]!r} has shape {tuple(arr.shape)}, "
                              f"expected {tuple(shape)} from config.json; the weights do not match the config")
         self._used.add(key)
         return arr.astype(dtype, copy=False)
@@ -226,7 +229,7 @@ class CheckpointTensors:
                 parts.append(f"missing keys{note} {_short_list(self._missing)}")
             if unexpected:
                 parts.append(f"unexpected keys {_short_list(unexpected)}")
-            raise ValueError(f"checkpoint does not match the {what} architecture: " + "; ".join(parts))
+            raise ModelError(f"checkpoint does not match the {what} architecture: " + "; ".join(parts))
 
 
 def _short_list(keys: list[str], n: int = 8) -> str:
@@ -248,7 +251,7 @@ def torch_to_numpy(t) -> np.ndarray:
 def require(hf_config: Mapping[str, Any], key: str, model_type: str):
     """``hf_config[key]``, raising a ``ValueError`` naming the missing config.json field."""
     if key not in hf_config or hf_config[key] is None:
-        raise ValueError(f"config.json of a {model_type!r} model lacks the field {key!r}")
+        raise ModelError(f"config.json of a {model_type!r} model lacks the field {key!r}")
     return hf_config[key]
 
 
