@@ -131,6 +131,7 @@ class PeekableBatches:
         self.index = state["index"]
 
 
+@pytest.mark.slow  # a full driver run on data 2 x fsdp 4 (~20 s idle); the bytes/FLOPs tests stay default
 def test_startup_report_is_the_compiled_step(tmp_path, caplog, capfd):
     """report_startup logs and writes compile.json for the very executable the first step runs: the step
     compiles once (the report's AOT compile is a cache hit for the call), the JSON equals that

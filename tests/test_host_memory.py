@@ -35,6 +35,7 @@ def _faults(mode: str) -> int:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+@pytest.mark.slow  # ~40 s idle: two bf16 SFT steps of the real 135M model per allocator setting
 def test_step_buffers_are_reused_not_faulted_in_again():
     baseline, reused = _faults("off"), _faults("on")
     # Without the settings each call faults in its ~64 MB temporaries again (>= 16k pages of 4 KiB);

@@ -51,6 +51,7 @@ def test_labelled_rows_put_the_preferred_reply_first_and_agreement_counts_it():
     assert rep["mean_confidence"] == pytest.approx((0.8 + 0.7 + 0.6) / 3)
 
 
+@pytest.mark.slow  # compiles the judge at two buckets (~20 s idle); the arithmetic tests stay default
 def test_label_logits_equal_a_full_forward_pass_at_the_last_token(tiny_llama_folder):
     import jax
     from flax import nnx
