@@ -465,8 +465,9 @@ class SafetyEvaluator:
         return np.concatenate(scores), texts
 
     def __call__(self, params: Any) -> tuple[dict[str, float], list[dict]]:
-        """Metrics (module doc) of ``params`` and the first completion of ``num_samples`` prompts
-        (``{"prompt", "completion", "harm", "max_harm", "eval": "safety"}``)."""
+        """Metrics (module doc) of ``params`` and the first completion of the first ``num_samples`` prompts
+        (``{"prompt", "completion", "harm", "max_harm", "prompt_index", "eval": "safety"}``; with every prompt
+        kept, two evaluations -- same key -- can be compared prompt by prompt)."""
         scores, texts = self.score_all(params)
         em = expected_max_score(scores)
         fl = flagged_at_least_once(scores, self.threshold)
@@ -477,7 +478,7 @@ class SafetyEvaluator:
                    f"{pre}_mean": mean.mean, f"{pre}_mean_sem": mean.sem}
         k = self.samples_per_prompt
         samples = [{"prompt": texts[p * k][0], "completion": texts[p * k][1], "harm": float(scores[p, 0]),
-                    "max_harm": float(scores[p].max()), "eval": pre}
+                    "max_harm": float(scores[p].max()), "prompt_index": p, "eval": pre}
                    for p in range(min(self.num_samples, scores.shape[0]))]
         return metrics, samples
 
