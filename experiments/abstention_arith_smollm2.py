@@ -25,6 +25,7 @@ Run (this file is ``jaxrlhf study``'s front end with this task's report; the sam
 
     python experiments/abstention_arith_smollm2.py                 # quick: 2 lambdas x 2 seeds (a 2-core CPU)
     python experiments/abstention_arith_smollm2.py --arg sweep     # + λ = 0.5 (reuses the quick arms)
+    python experiments/abstention_arith_smollm2.py --arg long      # the sweep at seeds 0-3 (reuses the above)
     python experiments/abstention_arith_smollm2.py --arg smoke     # a few steps, one seed: runs end to end
     python experiments/abstention_arith_smollm2.py --report-only   # rewrite the report from disk
 
@@ -57,17 +58,20 @@ QUICK = dict(
 # The quick study plus λ = 0.5 (answering pays above 1/3 confidence): the same study folder, so the λ = 0 and
 # λ = 1 arms of a finished quick run are reused and only the λ = 0.5 arms run.
 SWEEP = dict(QUICK, penalties=[0.0, 0.5, 1.0])
+# The sweep at 4 seeds (about 35 min on an idle 2-core CPU; again reuses every finished arm).
+LONG = dict(SWEEP, seeds=[0, 1, 2, 3])
 SMOKE = dict(QUICK, seeds=[0], penalties=[1.0], steps=2, eval_questions=16, eval_batch=16)
-SIZES = {None: QUICK, "": QUICK, "quick": QUICK, "sweep": SWEEP, "smoke": SMOKE}
+SIZES = {None: QUICK, "": QUICK, "quick": QUICK, "sweep": SWEEP, "long": LONG, "smoke": SMOKE}
 POLICY = "smollm2-135m-instruct"
 EVAL_FILE = "abstention_eval.json"
 KEYS = [f"{t}/{lab}" for t in A.TIERS for lab in A.LABELS]
 
 
 def sizes(arg: str | None) -> dict:
-    """The study's sizes: quick (default, a 2-core CPU), ``sweep`` (+ λ = 0.5) or ``smoke``."""
+    """The study's sizes: quick (default, a 2-core CPU), ``sweep`` (+ λ = 0.5), ``long`` (the sweep at 4
+    seeds) or ``smoke``."""
     if arg not in SIZES:
-        raise ValueError(f"unknown --arg {arg!r}; use 'sweep', 'smoke' or nothing")
+        raise ValueError(f"unknown --arg {arg!r}; use 'sweep', 'long', 'smoke' or nothing")
     return dict(SIZES[arg])
 
 
