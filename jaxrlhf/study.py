@@ -41,6 +41,7 @@ to_dict(config), "stages": {stage: hash}}``: any re-run stage re-runs every arm.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import datetime
 import fnmatch
@@ -264,15 +265,18 @@ class CompilationCounter:
     ``backend_compiles`` counts ``/jax/core/compile/backend_compile_duration`` events (one per executable
     built, whether compiled or loaded from the persistent cache); ``cache_hits`` counts
     ``/jax/compilation_cache/cache_hits``; ``compilations = backend_compiles - cache_hits`` is the number
-    of real XLA compilations. A call served by jit's in-memory cache fires neither event.
+    of real XLA compilations. A call served by jit's in-memory cache fires neither event. ``by_function``
+    counts the backend compiles per jitted function name (e.g. ``"jit(sft_step)"``).
     """
 
     def __init__(self):
         self.backend_compiles, self.cache_hits, self.compile_secs = 0, 0, 0.0
+        self.by_function: collections.Counter = collections.Counter()
 
     def _on_duration(self, event: str, duration_secs: float, **kwargs) -> None:
         if event == BACKEND_COMPILE_EVENT:
             self.backend_compiles, self.compile_secs = self.backend_compiles + 1, self.compile_secs + duration_secs
+            self.by_function[kwargs.get("fun_name")] += 1
 
     def _on_event(self, event: str, **kwargs) -> None:
         self.cache_hits += event == CACHE_HIT_EVENT

@@ -1,7 +1,6 @@
 """Compiled memory and FLOPs (jaxrlhf.compile_stats) against numpy / hand counts, the start-up report
 against the step the run compiles, and the fsdp step free of XLA's "involuntary full rematerialization"."""
 
-import collections
 import json
 import logging
 import types
@@ -18,6 +17,7 @@ from jaxrlhf.config import OptimConfig, SFTConfig
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.llama import Llama
 from jaxrlhf.sharding import MeshConfig, batch_sharding, make_mesh, place_batch, state_shardings
+from jaxrlhf.study import CompilationCounter
 from jaxrlhf.train_state import create_train_state, init_sharded_state, jit_step, make_optimizer
 
 # Widths divisible by 8 so fsdp=8 really splits every ``embed`` axis.
@@ -147,14 +147,7 @@ def test_startup_report_is_the_compiled_step(tmp_path, caplog, capfd):
     batches = PeekableBatches(host)
     run = types.SimpleNamespace(dir=types.SimpleNamespace(path=tmp_path), mesh=mesh,
                                 cfg=types.SimpleNamespace(train=types.SimpleNamespace(steps=3)))
-    compiles = collections.Counter()
-
-    def count(event, duration, **kw):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles[kw.get("fun_name")] += 1
-
-    jax.monitoring.register_event_duration_secs_listener(count)
-    try:
+    with CompilationCounter() as counter:
         with caplog.at_level(logging.INFO, logger="jaxrlhf"):
             [stats] = cs.report_startup(run, step, state, batches, lambda b: place_batch(b, mesh), name="sft step")
         assert batches.index == 0
@@ -162,9 +155,7 @@ def test_startup_report_is_the_compiled_step(tmp_path, caplog, capfd):
             mem = step.jitted.lower(state, place_batch(host, mesh)).compile().memory_analysis()
         state, _ = step(state, place_batch(next(batches), mesh))
         jax.block_until_ready(state)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(count)
-    assert compiles["jit(sft_step)"] == 1
+    assert counter.by_function["jit(sft_step)"] == 1
     err = capfd.readouterr().err
     assert REMAT_WARNING not in err, err[-2000:]
     report = json.loads((tmp_path / "compile.json").read_text())
@@ -226,19 +217,10 @@ def test_drivers_report_what_they_compile(tiny_llama_folder, shared_assets, tmp_
             optim=C.OptimConfig(lr=1e-3, schedule="constant"),
             data=C.DataConfig(batch_size=8, use_chat_template=False, **data),
             train=C.TrainConfig(steps=2, num_samples=0, run_dir=str(tmp_path / "runs")), algo=algo)
-        compiles = collections.Counter()
-
-        def count(event, duration, **kw):
-            if event == "/jax/core/compile/backend_compile_duration":
-                compiles[kw.get("fun_name")] += 1
-
-        jax.monitoring.register_event_duration_secs_listener(count)
-        try:
+        with CompilationCounter() as counter:
             run_experiment(cfg)
-        finally:
-            jax.monitoring.unregister_event_duration_listener(count)
         report = json.loads((tmp_path / "runs" / name / "compile.json").read_text())["functions"]
         assert set(report) == set(expected[name])
         for fn, jit_name in expected[name].items():
-            assert compiles[jit_name] == 1, (fn, dict(compiles))
+            assert counter.by_function[jit_name] == 1, (fn, dict(counter.by_function))
             assert report[fn]["peak_bytes"] > report[fn]["temp_bytes"] > 0
