@@ -25,9 +25,14 @@ __all__ = ["main"]
 
 
 def quiet_logs() -> None:
-    """INFO-level run logs; third-party libraries only warnings."""
+    """INFO-level run logs; third-party libraries only warnings.
+
+    ``force=True``: by the time a command runs, ``absl.logging`` (imported by orbax) has already called
+    ``logging.basicConfig()`` once (a WARNING-level root with the default format), which would make a plain
+    ``basicConfig`` a no-op and hide every INFO line of the run.
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     for name in ("absl", "orbax", "jax._src", "datasets", "transformers"):
         logging.getLogger(name).setLevel(logging.WARNING)
 

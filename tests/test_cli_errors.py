@@ -12,6 +12,7 @@ Also: ``--debug`` prints the traceback of a known error; an unexpected error kee
 import json
 import pathlib
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -303,3 +304,23 @@ def test_unexpected_error_keeps_its_traceback(tmp_path, monkeypatch, capsys):
         main(["report", str(tmp_path)])
     assert info.traceback[-1].name == "broken"  # raised where it happened, not re-wrapped
     assert " error: " not in capsys.readouterr().err
+
+
+def test_cli_logs_show_info_lines_after_absl_configured_the_root():
+    """``absl.logging`` (imported by orbax) calls ``logging.basicConfig()`` on its first log call: the root
+    logger is then WARNING with a handler, and a plain ``basicConfig(level=INFO)`` is a no-op. The CLI's
+    ``quiet_logs`` must still show the run's INFO lines and keep third-party INFO quiet."""
+    import subprocess
+
+    code = ("import logging\n"
+            "from absl import logging as absl_logging\n"
+            "absl_logging.vlog(1, 'absl configures the root here')\n"
+            "assert logging.getLogger().handlers, 'absl did not configure the root: the test has no premise'\n"
+            "from jaxrlhf.cli import quiet_logs\n"
+            "quiet_logs()\n"
+            "logging.getLogger('jaxrlhf.loop').info('run line')\n"
+            "logging.getLogger('orbax').info('orbax line')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "run line" in out.stderr.splitlines(), out.stderr
+    assert "orbax line" not in out.stderr, out.stderr
