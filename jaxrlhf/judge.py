@@ -159,26 +159,33 @@ def _last_token_label_logits(graphdef, params, tokens_BT, lengths_B, label_ids_2
 
 
 def label_logits(graphdef, params, token_lists: Sequence[Sequence[int]], label_ids: tuple[int, int], *,
-                 batch_size: int = 8, bucket: int = 64) -> np.ndarray:
-    """The judge's next-token logits of the two labels after each input: float32 ``[N, 2]``.
+                 batch_size: int = 8, bucket: int = 64, desc: str = "judge") -> np.ndarray:
+    """The judge's next-token logits of the two labels after each input: float32 ``[N, 2]``, in input order.
 
-    Inputs are right-padded to a multiple of ``bucket`` tokens (a few compiled shapes) in batches of
-    ``batch_size`` (the last batch padded with copies of its first row, dropped).
+    Inputs are batched by length (sorted, so a batch pads to little more than its own longest input),
+    right-padded to a multiple of ``bucket`` tokens (a few compiled shapes), ``batch_size`` per batch (the
+    last batch padded with copies of its first row, dropped). A progress bar counts the inputs.
     """
-    out = []
+    from tqdm.auto import tqdm
+
+    order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
+    out = np.zeros((len(token_lists), 2), np.float32)
     pad = 0
-    for i in range(0, len(token_lists), batch_size):
-        chunk = [list(t) for t in token_lists[i:i + batch_size]]
-        n = len(chunk)
-        chunk += [chunk[0]] * (batch_size - n)
-        T = -(-max(len(t) for t in chunk) // bucket) * bucket
-        toks = np.full((batch_size, T), pad, np.int32)
-        for r, t in enumerate(chunk):
-            toks[r, :len(t)] = t
-        lengths = np.asarray([len(t) for t in chunk], np.int32)
-        logits = _last_token_label_logits(graphdef, params, toks, lengths, np.asarray(label_ids, np.int32))
-        out.append(np.asarray(jax.device_get(logits))[:n])
-    return np.concatenate(out) if out else np.zeros((0, 2), np.float32)
+    with tqdm(total=len(order), desc=desc, unit="input", leave=False) as bar:
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            chunk = [list(token_lists[j]) for j in idx]
+            n = len(chunk)
+            chunk += [chunk[0]] * (batch_size - n)
+            T = -(-max(len(t) for t in chunk) // bucket) * bucket
+            toks = np.full((batch_size, T), pad, np.int32)
+            for r, t in enumerate(chunk):
+                toks[r, :len(t)] = t
+            lengths = np.asarray([len(t) for t in chunk], np.int32)
+            logits = _last_token_label_logits(graphdef, params, toks, lengths, np.asarray(label_ids, np.int32))
+            out[idx] = np.asarray(jax.device_get(logits))[:n]
+            bar.update(n)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,8 +223,8 @@ def judge_pairs(graphdef, params, tokenizer, pairs: Sequence[tuple[str, str, str
     if longest > context:
         raise ModelError(f"a judge input has {longest} tokens, more than the judge's context {context}; lower "
                          "max_prompt_tokens / max_reply_tokens")
-    la = label_logits(graphdef, params, inputs_a, label_ids, batch_size=batch_size)
-    lb = label_logits(graphdef, params, inputs_b, label_ids, batch_size=batch_size)
+    la = label_logits(graphdef, params, inputs_a, label_ids, batch_size=batch_size, desc="judge (first as A)")
+    lb = label_logits(graphdef, params, inputs_b, label_ids, batch_size=batch_size, desc="judge (second as A)")
     v = order_debiased_preference(la, lb)
     return [PairJudgement(p, f, s, float(v.prob_first[i]), float(v.p_first_as_a[i]), float(v.p_second_as_a[i]),
                           bool(v.flipped[i])) for i, (p, f, s) in enumerate(pairs)]
