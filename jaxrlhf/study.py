@@ -60,6 +60,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from jaxrlhf.errors import JaxrlhfError, Preempted, StudyError, report_error
+from jaxrlhf.host_memory import release_free_memory
 
 __all__ = [
     "Stage", "Arm", "Study", "StudyResult", "expand_grid", "arm_run_dir", "run_study", "study_main",
@@ -499,6 +500,7 @@ def run_study(study: Study, *, run_arm: Callable[[Any, bool], dict], only: Seque
                 "stage": st.name, "hash": hashes[st.name], "config": st.config,
                 "deps": {d: hashes[d] for d in st.deps}, "outputs": outputs[st.name],
                 "wall_s": round(time.perf_counter() - t0, 3), "compilations": cc.as_dict(), "finished": _now()})
+            release_free_memory()  # the stage's freed buffers are not the arms' working set
             log.info("stage %s: %d compilations (%.1f s compiling), %.1f s", st.name, cc.compilations,
                      cc.compile_secs, time.perf_counter() - t0)
             bar.update(st.cost)
@@ -572,6 +574,7 @@ def _run_one_arm(study_dir: pathlib.Path, arm: Arm, config: tuple | Exception, a
         log.error("arm %s failed: %s: %s", arm.name, type(e).__name__, e)
     status.update(finished=_now(), wall_s=round(time.perf_counter() - t0, 3), compilations=counter.as_dict())
     _write_json(status_path, status)
+    release_free_memory()  # this arm's freed buffers are not the next arm's working set
     log.info("arm %s: %s, %d compilations, %.1f s", arm.name, status["status"], counter.compilations,
              status["wall_s"])
     return status
