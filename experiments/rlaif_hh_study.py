@@ -89,7 +89,15 @@ def run_label(c: dict, outputs: dict, folder: pathlib.Path) -> dict:
         "train_agreement": train_report["agreement"],
         "train_position_bias_rate": train_report["position_bias_rate"],
         "judge_mean_confidence": heldout_report["mean_confidence"],
+        # Length preference: the share of held-out pairs whose preferred reply is the longer one (characters),
+        # by the judge and by the human labels (a judge's length bias shows as a gap between the two).
+        "heldout_judge_prefers_longer": _longer_share(heldout_labelled),
+        "heldout_human_prefers_longer": _longer_share(heldout_pairs),
     }
+
+
+def _longer_share(rows) -> float:
+    return float(np.mean([len(r["chosen"]) > len(r["rejected"]) for r in rows])) if rows else float("nan")
 
 
 def _dpo_arm(z: dict, data_key: str):

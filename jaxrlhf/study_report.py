@@ -29,7 +29,7 @@ import numpy as np
 
 __all__ = [
     "DEFAULT_METRICS", "default_is_hacking", "load_arm_records", "summary_table", "frontier_series",
-    "curve_series", "hacking_series", "sample_rows", "write_study_report",
+    "curve_series", "hacking_series", "sample_rows", "stage_rows", "write_study_report",
 ]
 
 DEFAULT_METRICS = ("gold", "proxy", "vader", "kl", "win_rate", "length", "distinct_1", "distinct_2",
@@ -208,6 +208,22 @@ def sample_rows(records: list[dict], n_prompts: int = 3) -> list[dict]:
     return out
 
 
+def stage_rows(study_dir: str | pathlib.Path, meta: dict) -> list[dict]:
+    """Each finished stage of ``meta["stages"]`` (study.json) with its scalar outputs (numbers and
+    booleans; paths and nested values are left out) and wall time, from ``stages/<name>/done.json``:
+    ``[{"stage", "wall_s", "outputs": {key: value}}]``, in study order. A stage never run is left out."""
+    rows = []
+    for st in meta.get("stages", []):
+        done = pathlib.Path(study_dir) / "stages" / st["name"] / "done.json"
+        if not done.exists():
+            continue
+        rec = json.loads(done.read_text())
+        scalars = {k: v for k, v in sorted((rec.get("outputs") or {}).items())
+                   if isinstance(v, int) or (isinstance(v, float) and math.isfinite(v))}  # int includes bool
+        rows.append({"stage": st["name"], "wall_s": rec.get("wall_s"), "outputs": scalars})
+    return rows
+
+
 def _cell(text: str, limit: int = 300) -> str:
     text = str(text).strip()
     text = text if len(text) <= limit else text[:limit] + "…"
@@ -312,6 +328,15 @@ def write_study_report(study_dir: str | pathlib.Path, arms: Sequence[Any] | None
         cells = [_fmt_stat(*row["stats"][m][:2]) if m in row["stats"] else "" for m in shown]
         lines.append(f"| {row['group']} | {row['method']} | {row['n']} | " + " | ".join(cells)
                      + f" | {', '.join(row['failed'])} |")
+    stages = stage_rows(study_dir, meta)
+    if any(st["outputs"] for st in stages):
+        lines += ["", "## Stages", "", "Scalar outputs of each stage (`stages/<name>/done.json`).", "",
+                  "| stage | output | value |", "|---|---|---|"]
+        for st in stages:
+            lines += [f"| {st['stage']} | {k} | {v:.4g} |" if isinstance(v, float) else
+                      f"| {st['stage']} | {k} | {v} |" for k, v in st["outputs"].items()]
+            if st["wall_s"] is not None:
+                lines.append(f"| {st['stage']} | wall time (s) | {st['wall_s']:.0f} |")
     failed = [r for r in records if (r["status"] or {}).get("status") == "failed"]
     not_run = [name for row in table for name in row["not_run"]]
     if failed or not_run:

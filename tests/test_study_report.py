@@ -162,3 +162,18 @@ def test_samples_fall_back_to_steps_and_tags():
     rec["samples"] = [{"step": 0, "tag": "before", "prompt": "p", "completion": "b"},
                       {"step": 0, "tag": "after", "prompt": "p", "completion": "a"}]
     assert R.sample_rows([rec])[0]["before"] == "b" and R.sample_rows([rec])[0]["after"] == "a"
+
+
+def test_stage_outputs_are_listed_with_numbers_not_paths(ok_study_dir):
+    md = R.write_study_report(ok_study_dir).read_text()
+    section = md.split("## Stages", 1)[1].split("\n## ", 1)[0]
+    rows = {tuple(c.strip() for c in ln.strip("|").split("|")[:2]): ln.strip("|").split("|")[2].strip()
+            for ln in section.splitlines() if ln.startswith("| ") and not ln.startswith("| stage")}
+    for name in ("sft", "gold", "prefs"):  # each stage's own done.json, read independently here
+        done = json.loads((ok_study_dir / "stages" / name / "done.json").read_text())
+        for key, value in done["outputs"].items():
+            if isinstance(value, str):  # a path: not a figure
+                assert (name, key) not in rows
+            else:
+                assert float(rows[(name, key)]) == pytest.approx(value, rel=1e-3)
+        assert float(rows[(name, "wall time (s)")]) == pytest.approx(done["wall_s"], abs=0.5)
