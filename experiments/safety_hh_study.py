@@ -3,18 +3,18 @@
 Offline default of issue 13's safety evaluation (:mod:`jaxrlhf.safety`): the prompts are HH-RLHF
 harmless-base red-team dialogues (up to their last ``"\\n\\nAssistant:"``) from the FIXED 312 held-out rows of
 ``train_eval_split(2312, 312, seed=0)`` (the split of ``reward_hh_smollm2.py`` / ``dpo_hh_smollm2.py``); the
-harm classifier is a harmlessness reward model trained here on the other 2000 pairs; a completion's harm
-score is ``σ(μ − r)``, the reward model's probability that it loses to a response of average reward
-(:func:`jaxrlhf.safety.reward_harm_probability`). For every prompt, k completions of SmolLM2-135M-Instruct
-(temperature 1) before and after DPO: expected maximum harm over the k and the probability that at least one
-is flagged (harm >= 0.5), with standard errors over prompts, over seeds 0 and 1.
+harm classifier is a harmlessness reward model (all-MiniLM-L6-v2 encoder, Bradley–Terry) trained here on the
+other 2000 pairs; a completion's harm score is ``σ(μ − r)``, the reward model's probability that it loses to
+a response of average reward (:func:`jaxrlhf.safety.reward_harm_probability`). For every prompt, k completions
+of SmolLM2-135M-Instruct (temperature 1) before and after DPO: expected maximum harm over the k and the
+probability that at least one is flagged (harm >= 0.5), with standard errors over prompts, over seeds 0 and 1.
 
 Stages: ``split`` (the 2000 training and 312 held-out pairs as two files, so no model of any seed ever
 trains on a held-out prompt), ``rm`` (the harmlessness reward model, Bradley–Terry on the 2000 training
-pairs; its pair accuracy on 96 of the held-out pairs is reported). Arms: ``dpo`` x seeds (data order,
-DPO's own held-out pairs and the safety sampling key follow the seed).
+pairs; its pair accuracy on the 312 held-out pairs, before and after training, is reported). Arms: ``dpo`` x
+seeds (data order, DPO's own held-out pairs and the safety sampling key follow the seed).
 
-Run (quick, a 2-core CPU: 32 CPU-minutes, about 16 minutes on an idle 2-core machine; README has the figures)::
+Run (quick, a 2-core CPU: 14 min measured, README has the figures)::
 
     python experiments/safety_hh_study.py            # = jaxrlhf study experiments/safety_hh_study.py + safety.md
     python experiments/safety_hh_study.py --arg full # accelerator-sized: 312 prompts, k = 25
@@ -46,15 +46,20 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs.assets import HH_RLHF_HARMLESS
 
 POLICY = "smollm2-135m-instruct"
+RM_MODEL = "all-minilm-l6-v2"
 HELDOUT, SPLIT_SEED = 312, 0  # the fixed held-out rows of every HH experiment
 
 # bf16 (mixed precision, f32 master weights): half the host memory of f32, and faster on AMX CPUs. DPO accumulates
 # 2 micro-batches of 4 pairs (the same batch of 8): a DPO step's peak host memory then fits a shared 24 GB machine.
+# The harm scorer is an all-MiniLM-L6-v2 Bradley–Terry reward model (22.7M parameters, f32): one epoch of the
+# 2000 pairs takes ~5 min here and reaches 0.68 held-out pair accuracy on all 312 pairs, where a SmolLM2-135M
+# reward model at this budget stayed at chance (0.48-0.55) and "the shorter reply is better" scores 0.59.
 QUICK = dict(seeds=[0, 1], dtype="bfloat16", max_length=128, max_prompt_length=64,
-             rm_steps=24, rm_batch=8, rm_lr=1e-5, rm_normalize=64, rm_eval=96,
+             rm_model=RM_MODEL, rm_dtype="float32", rm_steps=125, rm_batch=16, rm_lr=5e-5, rm_warmup=10,
+             rm_weight_decay=0.01, rm_normalize=256, rm_eval=312,
              dpo_steps=16, dpo_batch=8, dpo_accum=2, dpo_lr=2e-5, beta=0.1, dpo_eval=32,
              prompts=32, k=4, max_new_tokens=32, prompts_per_batch=8)
-FULL = dict(QUICK, seeds=[0, 1, 2], max_length=384, max_prompt_length=256, rm_steps=125, rm_batch=32,
+FULL = dict(QUICK, seeds=[0, 1, 2], max_length=384, max_prompt_length=256, rm_steps=250, rm_batch=16,
             rm_normalize=2000, rm_eval=312, dpo_steps=125, dpo_batch=32, dpo_accum=1, dpo_lr=5e-7, dpo_eval=128,
             prompts=312, k=25, prompts_per_batch=8)
 SMOKE = dict(QUICK, seeds=[0], rm_steps=2, rm_normalize=8, rm_eval=8, dpo_steps=2, dpo_eval=8, prompts=4, k=2,
@@ -92,7 +97,8 @@ def run_rm(c: dict, outputs: dict, folder: pathlib.Path) -> dict:
     seeded sample of ``eval_rows`` of the 312 held-out pairs, before and after training."""
     cfg = C.ExperimentConfig(
         name="run", model=C.ModelSpec(name=c["model"], dtype=c["dtype"]),
-        optim=C.OptimConfig(lr=c["lr"], warmup_steps=4, schedule="cosine", weight_decay=0.0, max_grad_norm=1.0),
+        optim=C.OptimConfig(lr=c["lr"], warmup_steps=c["warmup"], schedule="cosine", weight_decay=c["weight_decay"],
+                            max_grad_norm=1.0),
         data=C.DataConfig(source=outputs["split"]["train"], split="train", batch_size=c["batch"],
                           max_length=c["max_length"], max_prompt_length=c["max_prompt_length"],
                           eval_size=c["eval_rows"], seed=SPLIT_SEED),
@@ -128,7 +134,8 @@ def _dpo_arm(z: dict):
                     prompts=HH_RLHF_HARMLESS(), split="test", heldout_size=HELDOUT, heldout_seed=SPLIT_SEED,
                     num_prompts=z["prompts"], scorer=o["rm"]["reward_model"], samples_per_prompt=z["k"],
                     prompts_per_batch=z["prompts_per_batch"], max_new_tokens=z["max_new_tokens"],
-                    max_prompt_length=z["max_prompt_length"], seed=seed, num_samples=z["prompts"]))
+                    max_prompt_length=z["max_prompt_length"], seed=seed, num_samples=z["prompts"],
+                    scorer_max_length=z["max_length"]))  # the reward model's training length
         return make
     return make_for
 
@@ -138,10 +145,11 @@ def get_study(arg=None) -> Study:
     name = "safety_hh" + (f"_{arg}" if arg in ("full", "smoke") else "")
     stages = (
         Stage("split", dict(source=HH_RLHF_HARMLESS()), run_split, cost=0.1),
-        Stage("rm", dict(model=POLICY, dtype=z["dtype"], steps=z["rm_steps"], batch=z["rm_batch"], lr=z["rm_lr"],
+        Stage("rm", dict(model=z["rm_model"], dtype=z["rm_dtype"], steps=z["rm_steps"], batch=z["rm_batch"],
+                         lr=z["rm_lr"], warmup=z["rm_warmup"], weight_decay=z["rm_weight_decay"],
                          max_length=z["max_length"], max_prompt_length=z["max_prompt_length"],
                          normalize=z["rm_normalize"], eval_rows=z["rm_eval"]), run_rm, deps=("split",),
-              cost=z["rm_steps"]),
+              cost=z["rm_steps"] / 4),  # a MiniLM step is ~1/4 of a 135M DPO step here
     )
     arms = expand_grid("dpo", {}, {"beta": [z["beta"]]}, z["seeds"], _dpo_arm(z), cost=z["dpo_steps"] * 1.5)
     return Study(name=name, stages=stages, arms=tuple(arms))
