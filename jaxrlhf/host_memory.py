@@ -42,6 +42,20 @@ _M_ARENA_MAX = -8
 _applied: bool | None = None
 
 
+def _glibc_function(name: str, argtypes: list, restype):
+    """The C library's function ``name`` with its signature set, or None (no C library found, or it has
+    no such function: not glibc)."""
+    lib = ctypes.util.find_library("c")
+    if not lib:
+        return None
+    try:
+        fn = getattr(ctypes.CDLL(lib), name)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = argtypes, restype
+    return fn
+
+
 def reuse_host_memory() -> bool:
     """Set glibc's allocator to keep freed memory for reuse (see the module docstring).
 
@@ -56,16 +70,9 @@ def reuse_host_memory() -> bool:
     _applied = False
     if os.environ.get("JAXRLHF_KEEP_MALLOC") == "1":
         return False
-    name = ctypes.util.find_library("c")
-    if not name:
+    mallopt = _glibc_function("mallopt", [ctypes.c_int, ctypes.c_int], ctypes.c_int)
+    if mallopt is None:
         return False
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
     ok = (mallopt(_M_ARENA_MAX, 1) == 1) & (mallopt(_M_MMAP_MAX, 0) == 1)
     ok &= mallopt(_M_TRIM_THRESHOLD, -1) == 1          # -1 (as size_t: the maximum) = never trim
     _applied = bool(ok)
@@ -79,13 +86,5 @@ def release_free_memory() -> bool:
     Returns:
       True when memory was released, False when nothing was (not glibc, or no free page to return).
     """
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
-    try:
-        trim = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):
-        return False
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return trim(0) == 1
+    trim = _glibc_function("malloc_trim", [ctypes.c_size_t], ctypes.c_int)
+    return trim is not None and trim(0) == 1
